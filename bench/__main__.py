@@ -1,0 +1,153 @@
+"""``python -m bench``: measure the sidecar against nginx baselines with wrk (see bench/README.md)."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from types import FrameType
+
+from bench.configs import CASES, TRANSPORT_CASES, Case
+from bench.report import CaseResult, add_ratios, table, write_json
+from bench.runner import Bench, meta
+from bench.tools import ToolMissing
+
+TRANSPORTS = ("httptools", "httpx", "aiohttp")
+DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "latest.json"
+
+
+class BenchTimeout(Exception):
+    pass
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m bench", description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument("--duration", type=float, default=10.0, help="seconds per measured wrk run")
+    p.add_argument("--warmup", type=float, default=2.0, help="seconds of discarded warm-up before each case")
+    p.add_argument("--connections", type=int, default=64, help="wrk connections")
+    p.add_argument("--threads", type=int, default=2, help="wrk threads")
+    p.add_argument("--workers", type=int, default=2, help="sidecar worker processes")
+    p.add_argument("--cases", default=",".join(CASES), help="comma list of cases to run")
+    p.add_argument("--json", type=Path, default=DEFAULT_JSON, help="where to write the JSON results")
+    p.add_argument(
+        "--transport",
+        default="httptools",
+        help="SIDECAR_FORWARD_TRANSPORT; a comma list runs anonymous and jwt_cached under each",
+    )
+    p.add_argument("--light", action="store_true", help="run the light-load pass for every case")
+    p.add_argument("--no-light", action="store_true", help="skip the light-load pass everywhere")
+    p.add_argument("--light-rate", type=float, default=1000.0, help="light pass: requests per second")
+    p.add_argument("--light-duration", type=float, default=5.0, help="light pass: seconds")
+    p.add_argument("--light-connections", type=int, default=8, help="light pass: keep-alive connections")
+    p.add_argument("--jwt-tokens", type=int, default=300_000, help="never-seen JWTs to pre-generate for jwt_new")
+    p.add_argument("--startup-timeout", type=float, default=30.0, help="seconds to wait for sidecar /healthz")
+    p.add_argument(
+        "--sidecar-cmd",
+        type=lambda s: s.split(),
+        default=None,
+        help="command that starts the sidecar CLI (default: current python -m sidecar)",
+    )
+    p.add_argument("--max-time", type=float, default=0.0, help="hard limit in seconds (0: computed from settings)")
+    p.add_argument("--keep-temp", action="store_true", help="keep generated configs and logs")
+    args = p.parse_args(argv)
+    if args.duration < 1 or args.connections < 1 or args.threads < 1 or args.workers < 1:
+        p.error("--duration, --connections, --threads and --workers must be positive")
+    if args.light and args.no_light:
+        p.error("--light and --no-light exclude each other")
+    args.case_list = [c.strip() for c in args.cases.split(",") if c.strip()]
+    unknown = [c for c in args.case_list if c not in CASES]
+    if unknown or not args.case_list:
+        p.error(f"unknown case(s) {unknown}; choose from {', '.join(CASES)}")
+    args.transports = [t.strip() for t in args.transport.split(",") if t.strip()]
+    bad = [t for t in args.transports if t not in TRANSPORTS]
+    if bad or not args.transports:
+        p.error(f"unknown transport(s) {bad}; choose from {', '.join(TRANSPORTS)}")
+    return args
+
+
+def build_plan(args: argparse.Namespace) -> list[Case]:
+    """Cases in canonical order; anonymous and jwt_cached once per transport."""
+    plan: list[Case] = []
+    many = len(args.transports) > 1
+    for name, case in CASES.items():
+        if name not in args.case_list:
+            continue
+        if case.target != "sidecar":
+            plan.append(case)
+        elif name in TRANSPORT_CASES and many:
+            plan += [replace(case, transport=t, label=f"{name}@{t}") for t in args.transports]
+        else:
+            plan.append(replace(case, transport=args.transports[0]))
+    return plan
+
+
+def time_limit(args: argparse.Namespace, plan: list[Case]) -> float:
+    if args.max_time > 0:
+        return args.max_time
+    per_case = args.warmup + args.duration + args.light_duration + args.startup_timeout + 30
+    tokens = 400 if any(c.name == "jwt_new" for c in plan) else 0
+    return 120 + tokens + per_case * len(plan)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    plan = build_plan(args)
+    limit = time_limit(args, plan)
+
+    def on_alarm(_sig: int, _frame: FrameType | None) -> None:
+        raise BenchTimeout(f"benchmark exceeded its time limit of {limit:.0f}s")
+
+    def on_term(_sig: int, _frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGALRM, on_alarm)
+    signal.signal(signal.SIGTERM, on_term)
+    signal.alarm(int(limit) + 1)
+    print(
+        f"sidecar bench: {len(plan)} case(s), {args.duration:g}s each after {args.warmup:g}s warm-up, "
+        f"{args.threads} threads x {args.connections} connections, sidecar --workers {args.workers}; "
+        f"hard limit {limit:.0f}s",
+        flush=True,
+    )
+    bench = Bench(args, plan)
+    results: list[CaseResult] = []
+    status = 0
+    started = time.monotonic()
+    try:
+        bench.setup()
+        for case in plan:
+            results.append(bench.run_case(case))
+    except ToolMissing as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (KeyboardInterrupt, BenchTimeout) as e:
+        print(f"\ninterrupted: {e or 'Ctrl-C'}; stopping everything it started", file=sys.stderr, flush=True)
+        status = 130 if isinstance(e, KeyboardInterrupt) else 124
+    finally:
+        signal.alarm(0)
+        try:
+            bench.close()
+        except KeyboardInterrupt:
+            bench.close()
+    if not results:
+        return status or 1
+    add_ratios(results)
+    print()
+    print(table(results))
+    info = meta(args, bench)
+    info["elapsed_s"] = round(time.monotonic() - started, 1)
+    info["complete"] = status == 0 and len(results) == len(plan)
+    write_json(args.json, info, results)
+    print(f"\nJSON: {args.json}")
+    if status:
+        return status
+    return 1 if any(r.error for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

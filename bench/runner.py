@@ -1,0 +1,262 @@
+"""Runs the selected cases one after the other and collects their results."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from bench import configs, loadgen, tokens, tools, wrk
+from bench.configs import Case, Creds
+from bench.nginx import Nginx, proxy_conf, upstream_conf
+from bench.procs import free_port, tree_cpu_seconds
+from bench.report import CaseResult
+from bench.sidecar_proc import REPO_ROOT, Sidecar, SidecarError
+
+CACHE_DIR = Path(__file__).resolve().parent / "results" / "cache"
+JWT_FEW = 4
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, plan: list[Case]) -> None:
+        self.args = args
+        self.plan = plan
+        self.workdir = Path(tempfile.mkdtemp(prefix="sidecar-bench-"))
+        self.wrk_bin = ""
+        self.nginx_bin = ""
+        self.upstream: Nginx | None = None
+        self.proxy: Nginx | None = None
+        self.creds = Creds()
+        self.fresh_light: list[str] = []
+        self.fresh_ready = False
+
+    # ---- setup / teardown ------------------------------------------------------------------------
+    def setup(self) -> None:
+        self.wrk_bin = tools.ensure("wrk")
+        self.nginx_bin = tools.ensure("nginx")
+        up_port = free_port()
+        self.upstream = Nginx(
+            self.nginx_bin,
+            self.workdir / "nginx-upstream",
+            upstream_conf(self.workdir / "nginx-upstream", up_port),
+            up_port,
+            "upstream",
+        )
+        self.upstream.start()
+        if any(c.target == "nginx_proxy" for c in self.plan):
+            px = free_port()
+            self.proxy = Nginx(
+                self.nginx_bin,
+                self.workdir / "nginx-proxy",
+                proxy_conf(self.workdir / "nginx-proxy", px, up_port),
+                px,
+                "nginx_proxy",
+            )
+            self.proxy.start()
+        names = {c.name for c in self.plan}
+        if names & {"jwt_cached", "jwt_new"}:
+            key = tokens.load_or_create_key(CACHE_DIR)
+            self.creds.public_pem = key.public_pem
+            self.creds.jwt_few = [tokens.sign(key, f"cached-user-{i}") for i in range(JWT_FEW)]
+            if "jwt_new" in names:
+                self._prepare_fresh(key)
+        if "client_token" in names:
+            self.creds.client_token = tokens.client_token()
+            self.creds.client_token_ref = tokens.sha256_ref(self.creds.client_token)
+
+    def _prepare_fresh(self, key: tokens.KeyPair) -> None:
+        """Split the never-seen tokens: light pass, warm-up and measured run, one disjoint file per wrk thread."""
+        a = self.args
+        light_n = int(a.light_rate * a.light_duration) if self._light_for(configs.CASES["jwt_new"]) else 0
+        toks = tokens.fresh_tokens(key, a.jwt_tokens, CACHE_DIR)
+        self.fresh_light, rest = toks[:light_n], toks[light_n:]
+        warm_n = int(len(rest) * a.warmup / (a.warmup + a.duration)) if a.warmup > 0 else 0
+        warm, measured = rest[:warm_n], rest[warm_n:]
+        for prefix, part in (("warm-", warm), ("fresh-", measured)):
+            share = max(1, len(part) // a.threads)
+            for t in range(a.threads):
+                lines = part[t * share : (t + 1) * share] or part[:1] or toks[:1]
+                (self.workdir / f"{prefix}{t}.txt").write_text("".join(f"Bearer {x}\n" for x in lines))
+        self.fresh_ready = True
+
+    def close(self) -> None:
+        for n in (self.proxy, self.upstream):
+            if n is not None:
+                n.close()
+        if not self.args.keep_temp:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+        else:
+            print(f"temporary files kept in {self.workdir}")
+
+    # ---- cases -----------------------------------------------------------------------------------
+    def _light_for(self, case: Case) -> bool:
+        return not self.args.no_light and (self.args.light or case.light_default)
+
+    def run_case(self, case: Case) -> CaseResult:
+        res = CaseResult(label=case.label, case=case.name, description=case.description, transport=case.transport)
+        print(f"== {case.label}: {case.description}", flush=True)
+        try:
+            if case.target == "sidecar":
+                self._run_sidecar_case(case, res)
+            else:
+                nginx = self.upstream if case.target == "upstream" else self.proxy
+                assert nginx is not None
+                self._measure(case, res, nginx.port, nginx.pid, f"nginx {case.target} master+workers")
+        except (RuntimeError, OSError, subprocess.TimeoutExpired) as e:
+            res.error = str(e)
+            print(f"   FAILED: {e}", flush=True)
+        return res
+
+    def _run_sidecar_case(self, case: Case, res: CaseResult) -> None:
+        assert self.upstream is not None
+        if case.needs_redis:
+            _check_redis()
+        if case.name == "jwt_new" and not self.fresh_ready:
+            raise RuntimeError("fresh JWTs were not prepared")
+        cfg = configs.sidecar_config(case, self.upstream.port, self.creds)
+        sc = Sidecar(
+            self.workdir / f"sidecar-{case.label.replace('@', '-')}",
+            cfg,
+            workers=self.args.workers,
+            transport=case.transport,
+            command=self.args.sidecar_cmd,
+        )
+        try:
+            sc.start(timeout=self.args.startup_timeout)
+            self._measure(case, res, sc.port, sc.pid, f"sidecar process tree ({self.args.workers} workers)", sc)
+        except SidecarError as e:
+            raise RuntimeError(str(e)) from None
+        finally:
+            sc.close()
+
+    def _measure(self, case: Case, res: CaseResult, port: int, pid: int, scope: str, sc: Sidecar | None = None) -> None:
+        a = self.args
+        url = f"http://127.0.0.1:{port}{case.path}"
+        res.url = url
+        _probe(url, configs.case_headers(case, self.creds), sc)
+        common = {"threads": a.threads, "connections": a.connections}
+        if a.warmup > 0:
+            warm = configs.wrk_script(case, self.creds, str(self.workdir / "warm-"))
+            wrk.run(self.wrk_bin, url, warm, self.workdir, duration=a.warmup, **common)
+        script = configs.wrk_script(case, self.creds, str(self.workdir / "fresh-"))
+        cpu0 = tree_cpu_seconds(pid)
+        r = wrk.run(self.wrk_bin, url, script, self.workdir, duration=a.duration, **common)
+        cpu1 = tree_cpu_seconds(pid)
+        if sc is not None and not sc.alive():
+            raise RuntimeError("sidecar died during the measured run:\n" + sc.diagnostics())
+        res.rps, res.requests, res.latency_ms, res.wrk_errors = r.rps, r.requests, r.latency_ms, r.errors
+        res.cpu_us_per_req = (cpu1 - cpu0) / r.requests * 1e6 if r.requests else None
+        res.cpu_scope = scope
+        if r.errors["status"]:
+            res.warnings.append(f"{r.errors['status']:,} of {r.requests:,} responses were not 2xx/3xx")
+        other = r.error_total - r.errors["status"]
+        if other:
+            res.warnings.append(f"{other:,} socket errors/timeouts: {r.errors}")
+        if r.wrapped:
+            res.warnings.append(f"ran out of fresh tokens ({r.wrapped} wrap(s)): raise --jwt-tokens")
+        print(
+            f"   {r.rps:,.0f} req/s  p50 {r.latency_ms['p50']:.3f} ms  p99 {r.latency_ms['p99']:.3f} ms"
+            f"  CPU {_fmt(res.cpu_us_per_req)} µs/req",
+            flush=True,
+        )
+        if self._light_for(case):
+            self._light(case, res, port, sc)
+
+    def _light(self, case: Case, res: CaseResult, port: int, sc: Sidecar | None) -> None:
+        a = self.args
+        host = f"127.0.0.1:{port}"
+        if case.name == "jwt_new":
+            toks = self.fresh_light
+
+            def make(i: int) -> bytes:
+                return loadgen.simple_request(case.path, host, {"Authorization": f"Bearer {toks[i % len(toks)]}"})
+        else:
+            fixed = loadgen.simple_request(case.path, host, configs.case_headers(case, self.creds))
+
+            def make(i: int) -> bytes:
+                return fixed
+
+        lr = loadgen.run(
+            "127.0.0.1", port, make, rate=a.light_rate, duration=a.light_duration, connections=a.light_connections
+        )
+        if sc is not None and not sc.alive():
+            raise RuntimeError("sidecar died during the light-load pass:\n" + sc.diagnostics())
+        res.light = asdict(lr)
+        bad = lr.sent - lr.ok
+        if bad:
+            res.warnings.append(f"light pass: {bad} of {lr.sent} requests failed or were not 2xx ({lr.statuses})")
+        print(
+            f"   light {a.light_rate:g} req/s: p50 {lr.latency_ms.get('p50', float('nan')):.3f} ms"
+            f"  p99 {lr.latency_ms.get('p99', float('nan')):.3f} ms",
+            flush=True,
+        )
+
+
+def _fmt(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1f}"
+
+
+def _probe(url: str, headers: dict[str, str], sc: Sidecar | None) -> None:
+    """One request before loading: it must answer 200, else report exactly what came back."""
+    req = urllib.request.Request(url, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            status, body = r.status, r.read(600)
+    except urllib.error.HTTPError as e:
+        status, body = e.code, e.read(600)
+    except OSError as e:
+        diag = ("\n" + sc.diagnostics()) if sc is not None else ""
+        raise RuntimeError(f"probe GET {url} failed: {e}{diag}") from None
+    if status != 200:
+        diag = ("\n" + sc.diagnostics()) if sc is not None else ""
+        raise RuntimeError(f"probe GET {url} answered {status} (expected 200): {body.decode(errors='replace')}{diag}")
+
+
+def _check_redis() -> None:
+    try:
+        with socket.create_connection(("127.0.0.1", 6379), timeout=2) as s:
+            s.sendall(b"PING\r\n")
+            if not s.recv(64).startswith(b"+PONG"):
+                raise RuntimeError("Redis at 127.0.0.1:6379 did not answer PING")
+    except OSError as e:
+        raise RuntimeError(f"the client_token case needs Redis on 127.0.0.1:6379 ({e})") from None
+
+
+def meta(args: argparse.Namespace, bench: Bench) -> dict[str, Any]:
+    def first_line(cmd: list[str]) -> str:
+        try:
+            p = subprocess.run(cmd, capture_output=True, timeout=10, check=False)
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+        text = (p.stdout or p.stderr).decode(errors="replace").strip()
+        return text.splitlines()[0] if text else ""
+
+    try:
+        import uvloop
+
+        uv = uvloop.__version__
+    except ImportError:
+        uv = None
+    return {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "host": {"nproc": os.cpu_count(), "platform": platform.platform(), "loadavg": os.getloadavg()},
+        "python": sys.version.split()[0],
+        "uvloop": uv,
+        "wrk": first_line([bench.wrk_bin, "--version"]) if bench.wrk_bin else None,
+        "nginx": first_line([bench.nginx_bin, "-v"]) if bench.nginx_bin else None,
+        "git": first_line(["git", "-C", str(REPO_ROOT), "log", "-1", "--format=%h %s"]),
+        "settings": {k: v for k, v in vars(args).items() if k != "json"},
+        "notes": "rps/latency from wrk (closed loop); light = open-loop fixed rate, latency write->response; "
+        "CPU = utime+stime of the proxy's process tree during the measured run / requests",
+    }

@@ -1,0 +1,203 @@
+"""`jwt`: a Bearer JWT (or one from `from:`), verified with static `keys`, a `jwks_url`, an HS `secret`, or
+this sidecar's own issuer keys (`self_issued`). Checks exp, nbf, iat (with leeway), iss, aud,
+`required_claims`; scopes from `scope` (space-separated) or `scp`."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+import jwt
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from pydantic import Field, field_validator, model_validator
+
+from sidecar.authn.base import Identity, fingerprint, read_first
+from sidecar.authn.jwks import JwksKeys
+from sidecar.configtypes import CredentialSource, Duration, Model, Source, load_public_key, parse_source
+from sidecar.errors import DependencyUnavailable, Unauthenticated
+from sidecar.request import RequestView
+
+ASYMMETRIC = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
+SYMMETRIC = ("HS256", "HS384", "HS512")
+DEFAULT_ALGORITHMS = ("RS256", "PS256", "ES256", "EdDSA")
+
+_KEY_TYPES: dict[str, tuple[type, ...]] = {
+    "RS": (rsa.RSAPublicKey,),
+    "PS": (rsa.RSAPublicKey,),
+    "ES": (ec.EllipticCurvePublicKey,),
+    "Ed": (ed25519.Ed25519PublicKey, ed448.Ed448PublicKey),
+}
+
+
+def default_bearer_sources() -> list[Source]:
+    return [parse_source("header:Authorization")]
+
+
+class JwtConfig(Model):
+    type: Literal["jwt"]
+    from_: list[CredentialSource] = Field(default_factory=default_bearer_sources, alias="from", min_length=1)
+    jwks_url: str | None = None
+    keys: list[str] | None = None
+    secret: str | None = None
+    algorithms: list[str] | None = None
+    issuer: str | list[str] | None = None
+    audience: str | list[str] | None = None
+    required_claims: list[str] = []
+    leeway: Duration = 30.0
+    self_issued: bool = False
+    max_token_size: int = Field(default=8192, ge=256)
+    cache_ttl: Duration | None = None
+
+    @field_validator("keys", mode="before")
+    @classmethod
+    def _keys_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("keys")
+    @classmethod
+    def _parse_keys(cls, value: list[str] | None) -> list[str] | None:
+        for pem in value or []:
+            load_public_key(pem)
+        return value
+
+    @field_validator("algorithms")
+    @classmethod
+    def _algorithms(cls, value: list[str] | None) -> list[str] | None:
+        for alg in value or []:
+            if alg.lower() == "none":
+                raise ValueError("alg none is never accepted; remove it")
+            if alg not in ASYMMETRIC + SYMMETRIC:
+                raise ValueError(f"unknown algorithm {alg!r}; use one of {', '.join(ASYMMETRIC + SYMMETRIC)}")
+        return value
+
+    @model_validator(mode="after")
+    def _key_source(self) -> JwtConfig:
+        if not (self.jwks_url or self.keys or self.secret or self.self_issued):
+            raise ValueError("give the verification keys: jwks_url, keys (PEM), secret (HS*) or self_issued: true")
+        if any(alg in SYMMETRIC for alg in self.algorithms or ()) and not self.secret:
+            raise ValueError("HS* algorithms need an explicit secret; or remove them from algorithms")
+        if self.secret and self.algorithms and not any(alg in SYMMETRIC for alg in self.algorithms):
+            raise ValueError("a secret is only used with HS256/HS384/HS512; add one to algorithms")
+        return self
+
+    def allowed_algorithms(self) -> tuple[str, ...]:
+        if self.algorithms:
+            return tuple(self.algorithms)
+        if self.secret and not (self.jwks_url or self.keys or self.self_issued):
+            return ("HS256",)
+        return DEFAULT_ALGORITHMS
+
+    def warnings(self) -> list[str]:
+        if self.secret and len(self.secret.encode()) < 32:
+            return ["the HS secret is shorter than 32 bytes: it can be brute-forced; use 32 random bytes or more"]
+        return []
+
+
+class JwtAuthenticator:
+    needs_body = False
+    cacheable = True
+    bearer = True
+
+    def __init__(self, name: str, config: JwtConfig, services: Any) -> None:
+        self.name = name
+        self.config = config
+        self.fingerprint = fingerprint(name, config)
+        self.sources: tuple[Source, ...] = tuple(config.from_)
+        self.needs_body = any(s.kind in ("form", "body") for s in self.sources)
+        self.cache_ttl = config.cache_ttl
+        self._algorithms = frozenset(config.allowed_algorithms())
+        self._static_keys = [load_public_key(pem) for pem in config.keys or []]
+        self._secret = config.secret.encode() if config.secret else None
+        self._jwks = JwksKeys(config.jwks_url, services.http) if config.jwks_url else None
+        self._services = services
+        self._issuer = config.issuer
+        self._audience = config.audience
+        self._options = {
+            "require": ["exp", *config.required_claims],
+            "verify_aud": config.audience is not None,
+            "verify_iss": config.issuer is not None,
+        }
+
+    @property
+    def jwks(self) -> JwksKeys | None:
+        return self._jwks
+
+    def credential(self, request: RequestView) -> str | None:
+        return read_first(request, self.sources)
+
+    async def verify(self, credential: str, request: RequestView) -> Identity:
+        if not credential:
+            raise Unauthenticated("the bearer token is empty")
+        if len(credential) > self.config.max_token_size:
+            raise Unauthenticated("the token is too large", detail="oversized")
+        try:
+            header = jwt.get_unverified_header(credential)
+        except Exception:
+            raise Unauthenticated("the token is not a well-formed JWT", detail="malformed") from None
+        alg = header.get("alg")
+        if not isinstance(alg, str) or alg not in self._algorithms:
+            raise Unauthenticated("the token's signing algorithm is not accepted", detail=f"alg {alg!r}")
+        kid = header.get("kid")
+        keys = await self._keys(alg, kid if isinstance(kid, str) else None)
+        if not keys:
+            raise Unauthenticated("no key is known for this token", detail=f"unknown kid {kid!r}")
+        claims = self._decode(credential, alg, keys)
+        return self._identity(claims)
+
+    async def _keys(self, alg: str, kid: str | None) -> list[Any]:
+        if alg in SYMMETRIC:
+            return [self._secret] if self._secret else []
+        wanted = _KEY_TYPES[alg[:2]]
+        keys: list[Any] = [k for k in self._static_keys if isinstance(k, wanted)]
+        if self.config.self_issued:
+            own = self._services.issuer_public_keys()
+            keys += [k for k_kid, k in own if kid in (None, k_kid) and isinstance(k, wanted)]
+        if self._jwks is not None:
+            keys += [k.key for k in await self._jwks.keys_for(kid) if isinstance(k.key, wanted)]
+        return keys
+
+    def _decode(self, token: str, alg: str, keys: list[Any]) -> dict[str, Any]:
+        last: Exception | None = None
+        for key in keys:
+            try:
+                return jwt.decode(
+                    token, key, algorithms=[alg], audience=self._audience, issuer=self._issuer,
+                    leeway=self.config.leeway, options=self._options,  # type: ignore[arg-type]
+                )
+            except jwt.InvalidSignatureError as exc:
+                last = exc
+                continue
+            except jwt.ExpiredSignatureError:
+                raise Unauthenticated("the token has expired", detail="expired") from None
+            except jwt.ImmatureSignatureError:
+                raise Unauthenticated("the token is not valid yet", detail="immature") from None
+            except jwt.InvalidAudienceError:
+                raise Unauthenticated("the token is not meant for this audience", detail="audience") from None
+            except jwt.InvalidIssuerError:
+                raise Unauthenticated("the token's issuer is not trusted", detail="issuer") from None
+            except jwt.MissingRequiredClaimError as exc:
+                raise Unauthenticated(f"the token lacks the {exc.claim} claim", detail="missing claim") from None
+            except DependencyUnavailable:
+                raise
+            except Exception as exc:  # every verifier failure is a 401, never a 500 (PyJWT < 2.15 raised oddities)
+                last = exc
+                if not isinstance(exc, jwt.DecodeError):
+                    break
+        detail = "bad signature" if isinstance(last, jwt.InvalidSignatureError) else type(last).__name__
+        raise Unauthenticated("the token's signature or form is invalid", detail=detail)
+
+    def _identity(self, claims: dict[str, Any]) -> Identity:
+        iat = claims.get("iat")
+        if iat is not None and (not isinstance(iat, int | float) or iat > time.time() + self.config.leeway):
+            raise Unauthenticated("the token was issued in the future", detail="iat")
+        exp = claims["exp"]
+        if not isinstance(exp, int | float) or exp != exp or exp > 1e11:
+            raise Unauthenticated("the token's expiry is invalid", detail="exp")
+        scopes = claims.get("scope", claims.get("scp", ""))
+        scope_set = frozenset(scopes.split() if isinstance(scopes, str) else (str(s) for s in scopes or ()))
+        client = claims.get("client_id") or claims.get("azp")
+        subject = claims.get("sub") or client or ""
+        return Identity(
+            subject=str(subject), method=self.name, client=str(client) if client else None,
+            scopes=scope_set, claims=claims, expires_at=float(exp),
+        )

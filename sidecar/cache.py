@@ -1,0 +1,168 @@
+"""The verdict cache (SPEC §10): what an authenticator decided about a credential, kept so that the same
+credential is not verified again. Keys are hashes of the authenticator's configuration and the credential,
+never the credential. A verdict never outlives the token's `exp`; refusals are kept for `negative_ttl`;
+concurrent misses for one credential make one check. A cached identity still goes through the route's
+`require` checks on every hit (the gateway does that after `resolve`).
+
+Layers: a bounded in-process LRU, over an optional shared layer (Redis) with the same small interface.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any, Protocol
+
+from sidecar.authn.base import Identity
+from sidecar.errors import Refusal, Unauthenticated
+
+if TYPE_CHECKING:
+    from sidecar.authn.base import Authenticator
+    from sidecar.request import RequestView
+
+
+def cache_key(fingerprint: bytes, credential: str) -> bytes:
+    return hashlib.sha256(fingerprint + b"\x00" + credential.encode("utf-8", "surrogateescape")).digest()
+
+
+class Refused:
+    """A cached refusal: enough to raise the same refusal again, nothing of the credential."""
+
+    __slots__ = ("description", "detail", "kind", "reason")
+
+    def __init__(self, refusal: Refusal) -> None:
+        self.kind = type(refusal)
+        self.reason = refusal.reason
+        self.description = refusal.description
+        self.detail = refusal.detail
+
+    def raise_again(self, cached: bool = True) -> None:
+        detail = f"{self.detail} (cached)" if cached else self.detail
+        raise self.kind(self.description, reason=self.reason, detail=detail)
+
+
+Verdict = Identity | Refused
+
+
+class SharedVerdicts(Protocol):
+    """A cache shared by every process (Redis); `None` from get means not there."""
+
+    async def get(self, key: bytes) -> Verdict | None: ...
+
+    async def put(self, key: bytes, verdict: Verdict, ttl: float) -> None: ...
+
+
+class LocalVerdicts:
+    """A bounded LRU of verdicts with per-entry expiry (monotonic clock)."""
+
+    def __init__(self, max_entries: int = 100_000) -> None:
+        self._entries: OrderedDict[bytes, tuple[Verdict, float]] = OrderedDict()
+        self._max = max_entries
+
+    def get(self, key: bytes) -> Verdict | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        if entry[1] <= time.monotonic():
+            del self._entries[key]
+            return None
+        self._entries.move_to_end(key)
+        return entry[0]
+
+    def put(self, key: bytes, verdict: Verdict, ttl: float) -> None:
+        if ttl <= 0:
+            return
+        self._entries[key] = (verdict, time.monotonic() + ttl)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self._max:
+            self._entries.popitem(last=False)
+
+    def evict(self, key: bytes) -> None:
+        self._entries.pop(key, None)
+
+    def evict_where(self, predicate: Any) -> int:
+        doomed = [k for k, (v, _) in self._entries.items() if predicate(v)]
+        for key in doomed:
+            del self._entries[key]
+        return len(doomed)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+class VerdictCache:
+    def __init__(
+        self, ttl: float, negative_ttl: float, max_entries: int, shared: SharedVerdicts | None = None,
+        on_result: Any = None,
+    ) -> None:
+        self.ttl = ttl
+        self.negative_ttl = negative_ttl
+        self.local = LocalVerdicts(max_entries)
+        self.shared = shared
+        self._inflight: dict[bytes, asyncio.Future[Verdict]] = {}
+        self._on_result = on_result or (lambda result: None)
+
+    async def resolve(self, auth: Authenticator, credential: str, request: RequestView) -> Identity:
+        if not auth.cacheable:
+            return await auth.verify(credential, request)
+        key = cache_key(auth.fingerprint, credential)
+        verdict = self.local.get(key)
+        if verdict is not None:
+            self._on_result("hit")
+            return _unwrap(verdict)
+        waiting = self._inflight.get(key)
+        if waiting is not None:
+            self._on_result("coalesced")
+            return _unwrap(await asyncio.shield(waiting))
+        future: asyncio.Future[Verdict] = asyncio.get_running_loop().create_future()
+        self._inflight[key] = future
+        try:
+            verdict, fresh = await self._lookup_or_verify(auth, key, credential, request)
+            future.set_result(verdict)
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # mark retrieved: nobody may be waiting
+            raise
+        finally:
+            del self._inflight[key]
+        return _unwrap(verdict, cached=not fresh)
+
+    async def _lookup_or_verify(
+        self, auth: Authenticator, key: bytes, credential: str, request: RequestView,
+    ) -> tuple[Verdict, bool]:
+        if self.shared is not None:
+            verdict = await self.shared.get(key)
+            if verdict is not None:
+                self._on_result("shared_hit")
+                self.local.put(key, verdict, self._ttl_for(auth, verdict))
+                return verdict, False
+        self._on_result("miss")
+        try:
+            verdict: Verdict = await auth.verify(credential, request)
+        except Unauthenticated as refusal:
+            verdict = Refused(refusal)
+        ttl = self._ttl_for(auth, verdict)
+        self.local.put(key, verdict, ttl)
+        if self.shared is not None and ttl > 0:
+            await self.shared.put(key, verdict, ttl)
+        return verdict, True
+
+    def _ttl_for(self, auth: Authenticator, verdict: Verdict) -> float:
+        if isinstance(verdict, Refused):
+            return getattr(auth, "negative_ttl", None) or self.negative_ttl
+        ttl = getattr(auth, "cache_ttl", None) or self.ttl
+        if verdict.expires_at is not None:
+            ttl = min(ttl, verdict.expires_at - time.time())
+        return ttl
+
+
+def _unwrap(verdict: Verdict, cached: bool = True) -> Identity:
+    if isinstance(verdict, Refused):
+        verdict.raise_again(cached)
+    assert isinstance(verdict, Identity)
+    return verdict

@@ -1,0 +1,133 @@
+"""The command line (SPEC §1): run | check | demo | token new | keygen | explain."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import secrets
+import sys
+
+from sidecar.config import config_path, load
+from sidecar.yamlsource import ConfigError
+
+TOKEN_PREFIX = "sct_"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="sidecar", description="A reverse-proxy authentication sidecar.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="serve the proxy and the admin API")
+    run.add_argument("--config")
+    run.add_argument("--host", default="0.0.0.0")
+    run.add_argument("--port", type=int, default=8080)
+    run.add_argument("--admin-port", type=int, default=9901)
+    run.add_argument("--workers", type=int, default=1)
+
+    check = commands.add_parser("check", help="validate the configuration")
+    check.add_argument("--config")
+
+    commands.add_parser("demo", help="run the bundled demo and print curl lines")
+
+    token = commands.add_parser("token", help="client access tokens")
+    token_commands = token.add_subparsers(dest="token_command", required=True)
+    token_new = token_commands.add_parser("new", help="mint a client access token")
+    token_new.add_argument("--client", required=True)
+
+    keygen = commands.add_parser("keygen", help="print a new signing key (PEM)")
+    keygen.add_argument("--alg", default="RS256", choices=["RS256", "ES256", "EdDSA"])
+
+    explain = commands.add_parser("explain", help="show how a request would be handled, without sending it")
+    explain.add_argument("--config")
+    explain.add_argument("method")
+    explain.add_argument("url")
+    explain.add_argument("-H", "--header", action="append", default=[])
+
+    args = parser.parse_args(argv)
+    handler = {"run": cmd_run, "check": cmd_check, "demo": cmd_demo, "token": cmd_token, "keygen": cmd_keygen,
+               "explain": cmd_explain}[args.command]
+    return handler(args)
+
+
+def _load_or_report(path: str):  # type: ignore[no-untyped-def]
+    try:
+        return load(path)
+    except ConfigError as exc:
+        for error in exc.errors:
+            print(error, file=sys.stderr)
+        return None
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from sidecar.server import run
+
+    path = config_path(args.config)
+    if _load_or_report(path) is None:
+        return 1
+    admin_host = os.environ.get("SIDECAR_ADMIN_HOST", "127.0.0.1")
+    return run(path, args.host, args.port, admin_host, args.admin_port, args.workers)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    path = config_path(args.config)
+    loaded = _load_or_report(path)
+    if loaded is None:
+        return 1
+    for warning in loaded.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    print(f"{path}: ok ({len(loaded.config.routes)} routes, {len(loaded.authenticators)} authenticators)")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from sidecar.demo import run_demo
+
+    return run_demo()
+
+
+def new_client_token() -> str:
+    """A recognisable prefix (secret scanners can find leaked ones) and 32 random bytes."""
+    return TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+def token_hash(token: str) -> str:
+    return "sha256:" + hashlib.sha256(token.encode()).hexdigest()
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    token = new_client_token()
+    print(f"token (shown once; give it to client {args.client}): {token}")
+    print("put this line in the client's tokens list:")
+    print(f'  tokens: ["{token_hash(token)}"]')
+    return 0
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+    key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
+    if args.alg == "RS256":
+        key = rsa.generate_private_key(public_exponent=65537, key_size=3072)
+    elif args.alg == "ES256":
+        key = ec.generate_private_key(ec.SECP256R1())
+    else:
+        key = ed25519.Ed25519PrivateKey.generate()
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    sys.stdout.write(pem.decode())
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from sidecar.explain import explain
+
+    loaded = _load_or_report(config_path(args.config))
+    if loaded is None:
+        return 1
+    print(explain(loaded, args.method, args.url, args.header))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,401 @@
+"""The configuration: load YAML, substitute `${VAR}`, validate once into frozen typed objects.
+
+Every problem is reported at once as `FILE:LINE: place: message` with the fix; nothing is validated on the
+request path. `warnings` are for `sidecar check`: legal but probably not what was meant.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from sidecar.authn import REGISTRY
+from sidecar.configtypes import Duration, Model, Network, load_private_key, load_public_key
+from sidecar.yamlsource import ConfigError, Loc, YamlDocument
+
+DEFAULT_CONFIG = "sidecar.yaml"
+
+
+class CacheConfig(Model):
+    ttl: Duration = 300.0
+    negative_ttl: Duration = 10.0
+    max_entries: int = Field(default=100_000, ge=1)
+    stale_if_error: Duration = 0.0
+
+
+class IdentityConfig(Model):
+    header_prefix: str = "X-Auth-"
+    signed_token: bool = False
+
+
+class AdminConfig(Model):
+    token: str | None = None
+
+
+class KeysConfig(Model):
+    secret: str | list[str] | None = None
+
+    @field_validator("secret")
+    @classmethod
+    def _long_enough(cls, value: str | list[str] | None) -> str | list[str] | None:
+        for secret in [value] if isinstance(value, str) else value or []:
+            if len(secret.encode()) < 32:
+                raise ValueError("keys.secret must be at least 32 bytes; generate one with `openssl rand -base64 48`")
+        return value
+
+    def secrets(self) -> list[str]:
+        if self.secret is None or self.secret == "":
+            return []
+        return [self.secret] if isinstance(self.secret, str) else list(self.secret)
+
+
+class TimeoutsConfig(Model):
+    connect: Duration = 5.0
+    read: Duration = 60.0
+
+
+class ClientConfig(Model):
+    id: str
+    name: str = ""
+    tokens: list[str] = []
+    secret: str | None = None
+    public_key: str | None = None
+    routes: list[str] | None = None
+    scopes: list[str] = []
+    allowed_ips: list[Network] | None = None
+
+    @field_validator("id", mode="before")
+    @classmethod
+    def _id_text(cls, value: Any) -> Any:
+        return str(value) if isinstance(value, int) else value
+
+    @field_validator("tokens")
+    @classmethod
+    def _hashes(cls, value: list[str]) -> list[str]:
+        for token in value:
+            if not re.fullmatch(r"sha256:[0-9a-f]{64}", token):
+                raise ValueError(
+                    "tokens hold hashes only, as sha256:<64 hex>; `sidecar token new --client ID` prints the line"
+                )
+        return value
+
+    @field_validator("secret")
+    @classmethod
+    def _secret_hash(cls, value: str | None) -> str | None:
+        if value and not re.fullmatch(r"sha256:[0-9a-f]{64}", value):
+            raise ValueError("secret holds a hash only, as sha256:<64 hex of the secret>")
+        return value or None
+
+    @field_validator("public_key")
+    @classmethod
+    def _public_key(cls, value: str | None) -> str | None:
+        if value:
+            load_public_key(value)
+        return value or None
+
+
+class MatchConfig(Model):
+    methods: list[str] | None = None
+    path: str | None = None
+    path_regex: str | None = None
+    host: str | None = None
+
+    @field_validator("methods")
+    @classmethod
+    def _upper(cls, value: list[str] | None) -> list[str] | None:
+        return [m.upper() for m in value] if value else None
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith("/"):
+            raise ValueError(f"path {value!r} must start with /")
+        return value
+
+    @field_validator("path_regex")
+    @classmethod
+    def _regex(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"path_regex does not compile: {exc}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _one_path(self) -> MatchConfig:
+        if (self.path is None) == (self.path_regex is None):
+            raise ValueError("give exactly one of path (a glob such as /api/**) or path_regex")
+        return self
+
+
+class RequireConfig(Model):
+    scopes: list[str] = []
+    clients: list[str] = []
+    ips: list[Network] = []
+
+
+class EmitConfig(Model):
+    event: str
+    when: Literal["2xx", "3xx", "4xx", "5xx", "any"] = "2xx"
+
+
+class RouteConfig(Model):
+    id: str
+    match: MatchConfig
+    auth: list[str] = Field(min_length=1)
+    require: RequireConfig = RequireConfig()
+    upstream: str | None = None
+    emit: list[EmitConfig] = []
+    login_url: str | None = None
+    max_body: int = Field(default=1024 * 1024, ge=0)
+
+    @field_validator("upstream")
+    @classmethod
+    def _upstream(cls, value: str | None) -> str | None:
+        return _check_upstream(value) if value else None
+
+
+class RetryConfig(Model):
+    initial: Duration = 5.0
+    max_delay: Duration = 3600.0
+    max_attempts: int = Field(default=12, ge=1)
+
+
+class WebhookConfig(Model):
+    id: str
+    url: str
+    events: list[str] = Field(min_length=1)
+    secret: str | list[str]
+    retry: RetryConfig | None = None
+    allow_private: bool = False
+    timeout: Duration = 10.0
+
+
+class IssuerConfig(Model):
+    issuer: str = "https://sidecar.local"
+    signing_key: str | list[str] | None = None
+    access_token_ttl: Duration = 120.0
+    audience: str | None = None
+    prefix: str = "/_sidecar"
+    credentials: dict[str, Any] | None = None  # a `remote` block for the password grant (json_status)
+
+    @field_validator("signing_key")
+    @classmethod
+    def _keys(cls, value: str | list[str] | None) -> str | list[str] | None:
+        for pem in [value] if isinstance(value, str) else value or []:
+            if pem:
+                load_private_key(pem)
+        return value or None
+
+    def signing_keys(self) -> list[str]:
+        if not self.signing_key:
+            return []
+        return [self.signing_key] if isinstance(self.signing_key, str) else list(self.signing_key)
+
+
+class Config(Model):
+    version: Literal[1]
+    upstream: str
+    trusted_proxies: list[Network] = []
+    redis: str | None = None
+    cache: CacheConfig = CacheConfig()
+    identity: IdentityConfig = IdentityConfig()
+    admin: AdminConfig = AdminConfig()
+    keys: KeysConfig = KeysConfig()
+    timeouts: TimeoutsConfig = TimeoutsConfig()
+    authenticators: dict[str, Any] = {}
+    clients: list[ClientConfig] = []
+    routes: list[RouteConfig] = []
+    issuer: IssuerConfig | None = None
+    webhooks: list[WebhookConfig] = []
+    webhook_retry: RetryConfig = RetryConfig()
+
+    @field_validator("upstream")
+    @classmethod
+    def _upstream(cls, value: str) -> str:
+        return _check_upstream(value)
+
+    @field_validator("redis")
+    @classmethod
+    def _redis(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        if not re.match(r"^(redis|rediss|redis\+sentinel|redis\+cluster|unix)://", value):
+            raise ValueError("redis must be a URL: redis://host:6379/0, rediss://, redis+sentinel:// or redis+cluster://")
+        return value
+
+    def client(self, client_id: str) -> ClientConfig | None:
+        for client in self.clients:
+            if client.id == client_id:
+                return client
+        return None
+
+
+def _check_upstream(value: str) -> str:
+    if not re.match(r"^https?://[^/?#]+(/[^?#]*)?$", value or ""):
+        raise ValueError(f"{value!r} is not an upstream URL; write http://host:port (optionally with a base path)")
+    return value.rstrip("/")
+
+
+class LoadedConfig:
+    """A validated configuration with its source file and the warnings `sidecar check` prints."""
+
+    def __init__(self, config: Config, path: str, authenticators: dict[str, Any], warnings: list[str]) -> None:
+        self.config = config
+        self.path = path
+        self.authenticators = authenticators  # name -> validated authenticator config model
+        self.warnings = warnings
+
+
+def config_path(explicit: str | None) -> str:
+    return explicit or os.environ.get("SIDECAR_CONFIG") or DEFAULT_CONFIG
+
+
+def load(path: str, env: Mapping[str, str] | None = None) -> LoadedConfig:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{path}:1: (file): cannot read the file ({exc.strerror}); check --config"]) from None
+    return parse(text, path, os.environ if env is None else env)
+
+
+def parse(text: str, filename: str, env: Mapping[str, str]) -> LoadedConfig:
+    doc = YamlDocument(text, filename, env)
+    errors = list(doc.errors)
+    if doc.data is None and not errors:
+        errors.append(f"{filename}:1: (top): the file is empty; start from policies/demo.yaml")
+    if errors:
+        raise ConfigError(errors)
+    if not isinstance(doc.data, dict):
+        raise ConfigError([f"{filename}:1: (top): expected a mapping with version: 1, upstream and routes"])
+
+    data = dict(doc.data)
+    raw_authenticators = data.pop("authenticators", None) or {}
+    config: Config | None = None
+    try:
+        config = Config.model_validate({**data, "authenticators": {}})
+    except ValidationError as exc:
+        errors.extend(_messages(doc, exc, ()))
+
+    authenticators: dict[str, Any] = {}
+    if not isinstance(raw_authenticators, dict):
+        errors.append(doc.error(("authenticators",), "expected a mapping of name: {type: ...}"))
+        raw_authenticators = {}
+    for name, raw in raw_authenticators.items():
+        loc: Loc = ("authenticators", name)
+        kind = raw.get("type") if isinstance(raw, dict) else None
+        if kind not in REGISTRY:
+            known = ", ".join(sorted(REGISTRY))
+            what = f"unknown authenticator type {kind!r}" if kind else "missing type"
+            errors.append(doc.error((*loc, "type"), f"{what}; use one of: {known}"))
+            continue
+        try:
+            authenticators[name] = REGISTRY[kind].config_model.model_validate(raw)
+        except ValidationError as exc:
+            errors.extend(_messages(doc, exc, loc))
+
+    if config is not None:
+        errors.extend(_cross_references(doc, config, raw_authenticators))
+    if errors:
+        raise ConfigError(errors)
+    assert config is not None
+    config = config.model_copy(update={"authenticators": authenticators})
+    return LoadedConfig(config, filename, authenticators, _warnings(doc, config, authenticators))
+
+
+def _messages(doc: YamlDocument, exc: ValidationError, prefix: Loc) -> list[str]:
+    out = []
+    for error in exc.errors(include_url=False):
+        loc = (*prefix, *error["loc"])
+        if error["type"] == "extra_forbidden":
+            key = str(loc[-1])
+            hint = difflib.get_close_matches(key, _known_keys(), n=1)
+            suggestion = f"did you mean {hint[0]!r}? " if hint else ""
+            message = f"unknown key {key!r}; {suggestion}remove it or fix the spelling (unknown keys are refused)"
+        elif error["type"] == "missing":
+            message = f"{loc[-1]!s} is required"
+        else:
+            message = error["msg"].removeprefix("Value error, ")
+        out.append(doc.error(loc, message))
+    return out
+
+
+def _known_keys() -> set[str]:
+    keys: set[str] = set()
+    models: list[Any] = [Config, *(entry.config_model for entry in REGISTRY.values())]
+    seen: set[Any] = set()
+    while models:
+        model = models.pop()
+        if model in seen:
+            continue
+        seen.add(model)
+        for name, field in model.model_fields.items():
+            keys.add(field.alias or name)
+            for arg in (*getattr(field.annotation, "__args__", ()), field.annotation):
+                if isinstance(arg, type) and issubclass(arg, Model):
+                    models.append(arg)
+                for inner in getattr(arg, "__args__", ()):
+                    if isinstance(inner, type) and issubclass(inner, Model):
+                        models.append(inner)
+    return keys
+
+
+def _cross_references(doc: YamlDocument, config: Config, authenticators: dict[str, Any]) -> list[str]:
+    errors = []
+    route_ids = [route.id for route in config.routes]
+    client_ids = [client.id for client in config.clients]
+    for i, route in enumerate(config.routes):
+        if route_ids.index(route.id) != i:
+            errors.append(doc.error(("routes", i, "id"), f"route id {route.id!r} is used twice; ids must be unique"))
+        for j, name in enumerate(route.auth):
+            if name not in authenticators:
+                known = ", ".join(sorted(authenticators)) or "none defined"
+                errors.append(doc.error(
+                    ("routes", i, "auth", j),
+                    f"unknown authenticator {name!r}; define it under authenticators (known: {known})",
+                ))
+        for j, client_id in enumerate(route.require.clients):
+            if client_id not in client_ids:
+                errors.append(doc.error(("routes", i, "require", "clients", j),
+                                        f"unknown client {client_id!r}; add it under clients or fix the id"))
+    for i, client in enumerate(config.clients):
+        if client_ids.index(client.id) != i:
+            errors.append(doc.error(("clients", i, "id"), f"client id {client.id!r} is used twice; ids must be unique"))
+        for j, route_id in enumerate(client.routes or []):
+            if route_id not in route_ids:
+                errors.append(doc.error(("clients", i, "routes", j),
+                                        f"unknown route {route_id!r}; list route ids from routes"))
+    return errors
+
+
+def _warnings(doc: YamlDocument, config: Config, authenticators: dict[str, Any]) -> list[str]:
+    from sidecar.routing import shadowed_routes
+
+    warnings = []
+    used = {name for route in config.routes for name in route.auth}
+    for name in authenticators:
+        if name not in used:
+            warnings.append(doc.error(("authenticators", name), f"authenticator {name!r} is not used by any route"))
+    for earlier, later in shadowed_routes(config.routes):
+        warnings.append(doc.error(
+            ("routes", later),
+            f"route {config.routes[later].id!r} is shadowed by route {config.routes[earlier].id!r} above it "
+            "(first match wins); move it up or narrow the earlier match",
+        ))
+    for name, auth in authenticators.items():
+        for message in getattr(auth, "warnings", lambda: [])():
+            warnings.append(doc.error(("authenticators", name), message))
+        if getattr(auth, "needs_keys_secret", False) and not config.keys.secrets():
+            warnings.append(doc.error(
+                ("authenticators", name),
+                "keys.secret is not set: a random per-process secret is used, so keys and session cookies die "
+                "with the process and cannot be shared by replicas; set keys.secret (32+ bytes)",
+            ))
+    return warnings

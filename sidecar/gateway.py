@@ -1,0 +1,225 @@
+"""The flow of one proxied request: match → authenticate → authorise → strip and set identity → forward.
+
+Every refusal is a `Refusal` raised on the way and answered here, with its audit line and metrics."""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
+
+from sidecar.authz import authorize
+from sidecar.errors import BadRequest, MissingCredentials, NoRoute, PayloadTooLarge, Refusal, Unauthenticated
+from sidecar.request import RequestView, client_address, is_trusted_peer
+from sidecar.upstream_request import build_headers, strip_body, strip_query, target
+
+if TYPE_CHECKING:
+    from sidecar.authn.base import Authenticator, Identity
+    from sidecar.policy import Policy, RoutePlan
+    from sidecar.services import Services
+
+_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
+
+
+class ClientDisconnected(Exception):
+    pass
+
+
+class Gateway:
+    def __init__(self, services: Services) -> None:
+        self.services = services
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        started = time.perf_counter()
+        policy: Policy = self.services.policy
+        headers: list[tuple[bytes, bytes]] = scope["headers"]
+        request_id = _request_id(headers)
+        log: dict[str, Any] = {"request_id": request_id, "method": scope["method"], "route": None}
+        plan: RoutePlan | None = None
+        request: RequestView | None = None
+        responded = [False]
+        try:
+            path = normalise(scope)
+            log["path"] = path
+            host = _host(headers)
+            plan = policy.match(scope["method"], host, path)
+            if plan is None:
+                raise NoRoute("no route matches this request")
+            log["route"] = plan.route.id
+            peer = scope["client"][0] if scope.get("client") else "0.0.0.0"
+            forwarded_for = [v for k, v in headers if k == b"x-forwarded-for"]
+            request = RequestView(
+                scope["method"], path, scope.get("query_string", b""), headers, host, scope.get("scheme", "http"),
+                peer, client_address(peer, forwarded_for, policy.trusted_proxies), request_id,
+            )
+            log["client_ip"] = request.client_ip
+            if plan.needs_body:
+                request.body = await read_body(receive, plan.config.max_body, request.header(b"content-length"))
+            auth, identity = await self.authenticate(plan, request)
+            log.update(authenticator=auth.name, subject=identity.subject, client=identity.client)
+            authorize(plan.config, identity, request.client_ip, policy.clients)
+            status, upstream_seconds = await self.forward(plan, request, identity, receive, send, responded)
+            log.update(decision="allow", reason="ok", status=status, upstream_ms=round(upstream_seconds * 1000, 2))
+        except Refusal as refusal:
+            log.update(decision="deny", reason=refusal.reason, status=refusal.status)
+            if refusal.detail:
+                log["detail"] = refusal.detail
+            if not responded[0]:
+                await self.refuse(refusal, plan, request, scope, send)
+        except ClientDisconnected:
+            log.update(decision="abandoned", reason="client_disconnected", status=499)
+        total = time.perf_counter() - started
+        log["total_ms"] = round(total * 1000, 2)
+        self.services.audit.write(**log)
+        upstream_ms = log.get("upstream_ms")
+        self.services.metrics.request(
+            log["route"] or "-", log["decision"], total, upstream_ms / 1000 if upstream_ms is not None else None,
+        )
+
+    async def authenticate(self, plan: RoutePlan, request: RequestView) -> tuple[Authenticator, Identity]:
+        for auth in plan.authenticators:
+            credential = auth.credential(request)
+            if credential is None:
+                continue  # not its kind of credential: the next authenticator is tried
+            try:
+                return auth, await self.services.cache.resolve(auth, credential, request)
+            except Unauthenticated as refusal:
+                refusal.bearer_challenge = auth.bearer
+                raise
+        raise MissingCredentials("no credential was presented", detail="missing")
+
+    async def forward(
+        self, plan: RoutePlan, request: RequestView, identity: Identity, receive: Any, send: Any, responded: list[bool],
+    ) -> tuple[int, float]:
+        policy = self.services.policy
+        body: Any
+        body_length = None
+        if request.body is not None:
+            body = strip_body(request.body, request.content_type(), plan.strip.body_fields)
+            body_length = len(body) if (body or request.header(b"content-length") is not None) else None
+        elif _has_body(request.headers):
+            body = stream_body(receive)
+        else:
+            body = None
+        headers = build_headers(
+            request, identity, plan.strip, policy.identity_headers,
+            trusted_peer=is_trusted_peer(request.peer_ip, policy.trusted_proxies),
+            signed_token=self.services.identity_token(identity),
+            body_length=body_length,
+        )
+        query = strip_query(request.query_string, plan.strip.query)
+        started = time.perf_counter()
+        response = await plan.transport.send(request.method, target(plan.base_path, request.path, query), headers, body)
+        upstream_seconds = time.perf_counter() - started
+        try:
+            response_headers = response.headers
+            response_headers.append((b"x-request-id", request.request_id.encode()))
+            await send({"type": "http.response.start", "status": response.status, "headers": response_headers})
+            responded[0] = True
+            async for chunk in response.body():
+                if chunk:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            await response.aclose()
+        return response.status, upstream_seconds
+
+    async def refuse(
+        self, refusal: Refusal, plan: RoutePlan | None, request: RequestView | None, scope: dict[str, Any], send: Any,
+    ) -> None:
+        if isinstance(refusal, MissingCredentials) and plan is not None:
+            refusal.bearer_challenge = plan.bearer
+        body = refusal.body()
+        headers = refusal.headers(body)
+        if request is not None and request.request_id:
+            headers.append((b"x-request-id", request.request_id.encode()))
+        login_url = plan.config.login_url if plan is not None else None
+        if login_url and refusal.status == 401 and request is not None and _wants_html(request):
+            # return_to is built from the request itself, so it can only point back at this host.
+            back = f"{request.scheme}://{request.host}{request.path}"
+            if request.query_string:
+                back += "?" + strip_query(request.query_string, plan.strip.query).decode("latin-1")  # type: ignore[union-attr]
+            location = login_url + ("&" if "?" in login_url else "?") + "return_to=" + quote(back, safe="")
+            await send({"type": "http.response.start", "status": 302, "headers": [
+                (b"location", location.encode()), (b"cache-control", b"no-store"), (b"content-length", b"0")]})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        await send({"type": "http.response.start", "status": refusal.status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+def normalise(scope: dict[str, Any]) -> str:
+    from sidecar.routing import normalise_path
+
+    raw = scope.get("raw_path")
+    if raw is None:
+        raw = scope["path"].encode("utf-8")
+    return normalise_path(raw)
+
+
+def _host(headers: list[tuple[bytes, bytes]]) -> str:
+    hosts = [v for k, v in headers if k == b"host"]
+    if len(hosts) > 1:
+        raise BadRequest("more than one Host header")
+    if not hosts:
+        return ""
+    host = hosts[0].decode("latin-1").strip().lower()
+    if host.startswith("["):
+        return host.split("]", 1)[0] + "]"
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def _request_id(headers: list[tuple[bytes, bytes]]) -> str:
+    for key, value in headers:
+        if key == b"x-request-id" and _REQUEST_ID.match(value):
+            return value.decode("ascii")
+    return uuid.uuid4().hex
+
+
+def _has_body(headers: list[tuple[bytes, bytes]]) -> bool:
+    for key, value in headers:
+        if key == b"transfer-encoding" or (key == b"content-length" and value.strip() not in (b"0", b"")):
+            return True
+    return False
+
+
+def _wants_html(request: RequestView) -> bool:
+    return "text/html" in (request.header(b"accept") or "")
+
+
+async def read_body(receive: Any, limit: int, declared: str | None) -> bytes:
+    """The whole body, for authenticators that read it; bounded by the route's `max_body` (413 above it)."""
+    if declared is not None:
+        try:
+            if int(declared) > limit:
+                raise PayloadTooLarge(f"the body is larger than {limit} bytes")
+        except ValueError:
+            raise BadRequest("invalid Content-Length") from None
+    chunks = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnected
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"the body is larger than {limit} bytes")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+async def stream_body(receive: Any) -> AsyncIterator[bytes]:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnected
+        chunk = message.get("body", b"")
+        if chunk:
+            yield chunk
+        if not message.get("more_body", False):
+            return

@@ -1,0 +1,158 @@
+"""Serving: the main port and the admin port in each worker process, under uvicorn (httptools, uvloop).
+
+uvicorn's own proxy-header handling is off (it would trust 127.0.0.1's X-Forwarded-For before we run: we
+apply `trusted_proxies` ourselves) and so is its access log (it prints query strings, which may carry
+credentials). With `--workers N` the parent binds both sockets and supervises N spawned workers that share
+them; it restarts a worker that dies and passes SIGTERM/SIGINT/SIGHUP on."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import uvicorn
+
+from sidecar.app import create_apps
+from sidecar.config import load
+
+log = logging.getLogger("sidecar")
+
+
+class _Server(uvicorn.Server):
+    """A uvicorn server that leaves signals to us (two servers share one process)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def _uvicorn_config(app: Any, *, graceful: float) -> uvicorn.Config:
+    return uvicorn.Config(
+        app, lifespan="off", http="httptools", loop="none", access_log=False, proxy_headers=False,
+        server_header=False, log_level="warning", timeout_graceful_shutdown=graceful,
+        timeout_keep_alive=75, h11_max_incomplete_event_size=64 * 1024,
+    )
+
+
+def bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+class Serving:
+    """One worker: both servers over one `Services`, until `stop()` (or SIGTERM/SIGINT)."""
+
+    def __init__(self, config_path: str, main_sock: socket.socket, admin_sock: socket.socket,
+                 graceful: float = 30.0) -> None:
+        self.config_path = config_path
+        self.sockets = (main_sock, admin_sock)
+        self.graceful = graceful
+        self.services: Any = None
+        self._main: _Server | None = None
+        self.started = asyncio.Event()
+
+    def stop(self) -> None:
+        if self._main is not None:
+            self._main.should_exit = True
+
+    async def run(self) -> None:
+        main_app, admin, self.services = create_apps(load(self.config_path))
+        await self.services.start()
+        main = self._main = _Server(_uvicorn_config(main_app, graceful=self.graceful))
+        admin_server = _Server(_uvicorn_config(admin, graceful=1.0))
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):  # not the main thread
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.stop)
+            reload = getattr(self.services, "reload_from_file", None)
+            if reload is not None:
+                loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(reload()))
+        admin_task = asyncio.ensure_future(admin_server.serve(sockets=[self.sockets[1]]))
+        main_task = asyncio.ensure_future(main.serve(sockets=[self.sockets[0]]))
+        while not (main.started and admin_server.started) and not main_task.done():
+            await asyncio.sleep(0.01)
+        self.started.set()
+        try:
+            await main_task
+        finally:
+            admin_server.should_exit = True
+            await admin_task
+            await self.services.aclose()
+
+
+def _run_worker(config_path: str, main_sock: socket.socket, admin_sock: socket.socket, graceful: float) -> None:
+    _setup_logging()
+    try:
+        import uvloop
+
+        runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
+    except ImportError:
+        runner = asyncio.Runner()
+    with runner:
+        runner.run(Serving(config_path, main_sock, admin_sock, graceful).run())
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(
+        level=logging.WARNING, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+
+
+def run(config_path: str, host: str, port: int, admin_host: str, admin_port: int, workers: int,
+        graceful: float = 30.0) -> int:
+    main_sock = bind(host, port)
+    admin_sock = bind(admin_host, admin_port)
+    if workers <= 1:
+        _run_worker(config_path, main_sock, admin_sock, graceful)
+        return 0
+    return _supervise(config_path, main_sock, admin_sock, workers, graceful)
+
+
+def _supervise(config_path: str, main_sock: socket.socket, admin_sock: socket.socket, workers: int,
+               graceful: float) -> int:
+    context = multiprocessing.get_context("spawn")
+    stopping = False
+
+    def spawn() -> Any:
+        process = context.Process(target=_run_worker, args=(config_path, main_sock, admin_sock, graceful), daemon=False)
+        process.start()
+        return process
+
+    processes = [spawn() for _ in range(workers)]
+
+    def on_signal(sig: int, frame: Any) -> None:
+        nonlocal stopping
+        if sig != signal.SIGHUP:
+            stopping = True
+        for process in processes:
+            if process.pid and process.is_alive():
+                os.kill(process.pid, sig)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, on_signal)
+    while not stopping:
+        time.sleep(0.2)
+        for i, process in enumerate(processes):
+            if not process.is_alive() and not stopping:
+                log.warning("worker %s exited with %s; starting another", process.pid, process.exitcode)
+                processes[i] = spawn()
+    deadline = time.monotonic() + graceful + 5
+    for process in processes:
+        process.join(max(0.1, deadline - time.monotonic()))
+        if process.is_alive():
+            process.kill()
+    return 0

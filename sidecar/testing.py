@@ -1,0 +1,180 @@
+"""Helpers for tests of a sidecar deployment — ours and our users': key pairs and tokens, a recording
+upstream, and a sidecar running on loopback ports in a background thread."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jwt
+import uvicorn
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from sidecar.echo import EchoApp, Received
+from sidecar.signing import public_jwk
+
+__all__ = ["KeyPair", "Received", "RecordingUpstream", "RunningSidecar", "free_port", "recording_upstream",
+           "running_sidecar", "serve_in_thread"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class KeyPair:
+    """A signing key pair for tests: its public PEM, its JWKS, and tokens signed with it."""
+
+    def __init__(self, kind: str = "RSA", bits: int = 2048) -> None:
+        if kind == "RSA":
+            self.private_key: Any = rsa.generate_private_key(public_exponent=65537, key_size=bits)
+            self.alg = "RS256"
+        else:
+            self.private_key = ec.generate_private_key(ec.SECP256R1())
+            self.alg = "ES256"
+        self.jwk = public_jwk(self.private_key.public_key())
+        self.kid = self.jwk["kid"]
+
+    @property
+    def public_pem(self) -> str:
+        return self.private_key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+
+    @property
+    def public_pem_pkcs1(self) -> str:
+        return self.private_key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.PKCS1).decode()
+
+    @property
+    def private_pem(self) -> str:
+        return self.private_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()).decode()
+
+    def jwks(self) -> dict[str, Any]:
+        return {"keys": [self.jwk]}
+
+    def token(self, claims: dict[str, Any] | None = None, *, lifetime: float = 300, kid: str | None = "default",
+              headers: dict[str, Any] | None = None, **extra: Any) -> str:
+        now = int(time.time())
+        payload: dict[str, Any] = {"sub": "user-1", "iat": now, "exp": now + int(lifetime)}
+        payload.update(claims or {})
+        payload.update(extra)
+        payload = {k: v for k, v in payload.items() if v is not None}
+        header = dict(headers or {})
+        if kid == "default":
+            header["kid"] = self.kid
+        elif kid is not None:
+            header["kid"] = kid
+        return jwt.encode(payload, self.private_key, algorithm=self.alg, headers=header)
+
+
+class _ThreadServer(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+@contextlib.contextmanager
+def serve_in_thread(app: Any, port: int | None = None) -> Iterator[str]:
+    """Serve an ASGI app with uvicorn on 127.0.0.1 in a background thread; yields its base URL."""
+    port = port or free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="off", log_level="warning",
+                            access_log=False, http="httptools", loop="asyncio")
+    server = _ThreadServer(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.005)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+class RecordingUpstream:
+    def __init__(self, app: EchoApp, url: str) -> None:
+        self.app = app
+        self.url = url
+
+    @property
+    def received(self) -> list[Received]:
+        return self.app.received
+
+    @property
+    def last(self) -> Received:
+        return self.app.received[-1]
+
+
+@contextlib.contextmanager
+def recording_upstream(port: int | None = None) -> Iterator[RecordingUpstream]:
+    app = EchoApp()
+    with serve_in_thread(app, port) as url:
+        yield RecordingUpstream(app, url)
+
+
+class RunningSidecar:
+    def __init__(self, url: str, admin_url: str, serving: Any, config_path: Path) -> None:
+        self.url = url
+        self.admin_url = admin_url
+        self.serving = serving
+        self.config_path = config_path
+
+    @property
+    def services(self) -> Any:
+        return self.serving.services
+
+
+@contextlib.contextmanager
+def running_sidecar(config: str | dict[str, Any], *, directory: str | None = None) -> Iterator[RunningSidecar]:
+    """Run a sidecar with this configuration (YAML text or a dict) on loopback ports in a background thread."""
+    from sidecar.server import Serving, bind
+
+    text = config if isinstance(config, str) else json.dumps(config)
+    with tempfile.TemporaryDirectory(dir=directory) as tmp:
+        path = Path(tmp) / "sidecar.yaml"
+        path.write_text(text)
+        main_sock, admin_sock = bind("127.0.0.1", 0), bind("127.0.0.1", 0)
+        main_port, admin_port = main_sock.getsockname()[1], admin_sock.getsockname()[1]
+        serving = Serving(str(path), main_sock, admin_sock, graceful=5.0)
+        failure: list[BaseException] = []
+
+        def target() -> None:
+            try:
+                asyncio.run(serving.run())
+            except BaseException as exc:  # reported to the test below
+                failure.append(exc)
+
+        thread = threading.Thread(target=target, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 15
+        while not serving.started.is_set():
+            if failure:
+                raise failure[0]
+            if time.monotonic() > deadline:
+                raise RuntimeError("the sidecar did not start within 15 s")
+            time.sleep(0.005)
+        try:
+            yield RunningSidecar(f"http://127.0.0.1:{main_port}", f"http://127.0.0.1:{admin_port}", serving, path)
+        finally:
+            loop_stop(serving)
+            thread.join(15)
+            main_sock.close()
+            admin_sock.close()
+
+
+def loop_stop(serving: Any) -> None:
+    serving.stop()

@@ -1,0 +1,171 @@
+"""What the upstream receives (SPEC §4), as pure functions: headers, query and body with every credential
+removed, client-sent identity headers removed, and the sidecar's identity headers set."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+from urllib.parse import quote, unquote_plus
+
+from sidecar.configtypes import Source
+
+if TYPE_CHECKING:
+    from sidecar.authn.base import Identity
+    from sidecar.request import Headers, RequestView
+
+# RFC 9110 §7.6.1 hop-by-hop fields, and framing the sidecar redoes itself. `expect` is answered by the
+# sidecar's own server (100-continue) and must not be repeated upstream.
+HOP_BY_HOP = frozenset({
+    b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade",
+    b"proxy-authenticate", b"proxy-authorization", b"expect", b"http2-settings",
+})
+# Set by the sidecar, so never taken from the client (X-Real-IP and Forwarded: backends trust them too).
+SET_BY_SIDECAR = frozenset({
+    b"x-request-id", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"x-real-ip", b"forwarded",
+})
+
+
+def normalised_name(name: bytes) -> bytes:
+    """Header names as backends see them: CGI-style servers read `_` and `.` as `-` (CVE-2025-64484)."""
+    return name.lower().replace(b"_", b"-").replace(b".", b"-")
+
+
+@dataclass(frozen=True, slots=True)
+class StripPlan:
+    """Everything a route's authenticators read, computed once per route at load."""
+
+    headers: frozenset[bytes]
+    query: frozenset[str]
+    cookies: frozenset[str]
+    body_fields: frozenset[str]
+
+    @classmethod
+    def from_sources(cls, sources: Iterable[Source]) -> StripPlan:
+        sources = list(sources)
+        return cls(
+            headers=frozenset(s.name.lower().encode("latin-1") for s in sources if s.kind == "header"),
+            query=frozenset(s.name for s in sources if s.kind == "query"),
+            cookies=frozenset(s.name for s in sources if s.kind == "cookie"),
+            body_fields=frozenset(s.name for s in sources if s.kind in ("form", "body")),
+        )
+
+
+class IdentityHeaders:
+    """The identity header names for one prefix (`X-Auth-` by default)."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = normalised_name(prefix.encode("latin-1"))
+        p = prefix
+        self.subject = f"{p}Subject".encode()
+        self.client = f"{p}Client".encode()
+        self.method = f"{p}Method".encode()
+        self.scopes = f"{p}Scopes".encode()
+        self.token = f"{p}Token".encode()
+
+
+def _header_value(value: str) -> bytes:
+    """Identity values come from tokens: anything outside printable ASCII is percent-encoded, so a claim can
+    never split a header (CR/LF) or smuggle bytes to the backend."""
+    if value.isascii() and value.isprintable():
+        return value.encode("ascii")
+    return quote(value, safe="".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")).encode("ascii")
+
+
+def build_headers(
+    request: RequestView,
+    identity: Identity | None,
+    plan: StripPlan,
+    names: IdentityHeaders,
+    *,
+    trusted_peer: bool,
+    signed_token: str | None = None,
+    body_length: int | None = None,
+) -> Headers:
+    connection_named: set[bytes] = set()
+    for key, value in request.headers:
+        if key == b"connection":
+            connection_named.update(t.strip().lower().encode("latin-1") for t in value.decode("latin-1").split(","))
+    out: Headers = []
+    forwarded_for: list[bytes] = []
+    forwarded_proto = forwarded_host = None
+    for key, value in request.headers:
+        if key in HOP_BY_HOP or key in connection_named or key in plan.headers:
+            continue
+        norm = normalised_name(key)
+        if norm.startswith(names.prefix) or norm in SET_BY_SIDECAR:
+            if trusted_peer:
+                if norm == b"x-forwarded-for":
+                    forwarded_for.append(value)
+                elif norm == b"x-forwarded-proto":
+                    forwarded_proto = value
+                elif norm == b"x-forwarded-host":
+                    forwarded_host = value
+            continue
+        if key == b"cookie" and plan.cookies:
+            value = strip_cookies(value, plan.cookies)
+            if not value:
+                continue
+        elif key == b"content-length" and body_length is not None:
+            continue
+        out.append((key, value))
+    if body_length is not None:
+        out.append((b"content-length", str(body_length).encode()))
+    peer = request.peer_ip.encode()
+    out.append((b"x-forwarded-for", b", ".join([*forwarded_for, peer]) if forwarded_for else peer))
+    out.append((b"x-forwarded-proto", forwarded_proto or request.scheme.encode()))
+    out.append((b"x-forwarded-host", forwarded_host or request.host.encode("latin-1")))
+    out.append((b"x-request-id", request.request_id.encode()))
+    if identity is not None:
+        out.append((names.subject, _header_value(identity.subject)))
+        if identity.client:
+            out.append((names.client, _header_value(identity.client)))
+        out.append((names.method, _header_value(identity.method)))
+        out.append((names.scopes, _header_value(" ".join(sorted(identity.scopes)))))
+        if signed_token:
+            out.append((names.token, signed_token.encode()))
+    return out
+
+
+def strip_cookies(header: bytes, names: frozenset[str]) -> bytes:
+    kept = []
+    for part in header.split(b";"):
+        name = part.split(b"=", 1)[0].strip().decode("latin-1")
+        if name and name not in names:
+            kept.append(part.strip())
+    return b"; ".join(kept)
+
+
+def strip_query(query_string: bytes, names: frozenset[str]) -> bytes:
+    """Remove every copy of the named parameters; every other parameter passes byte for byte."""
+    if not names or not query_string:
+        return query_string
+    kept = [
+        part for part in query_string.split(b"&")
+        if unquote_plus(part.split(b"=", 1)[0].decode("latin-1")) not in names
+    ]
+    return b"&".join(kept)
+
+
+def strip_body(body: bytes, content_type: str, fields: frozenset[str]) -> bytes:
+    """A form or JSON body without the named credential fields (the rest forwarded intact)."""
+    if not fields or not body:
+        return body
+    if content_type == "application/x-www-form-urlencoded":
+        return strip_query(body, fields)
+    if content_type.endswith("json"):
+        try:
+            data = json.loads(body)
+        except ValueError:
+            return body
+        if isinstance(data, dict) and fields & data.keys():
+            return json.dumps({k: v for k, v in data.items() if k not in fields}, ensure_ascii=False).encode()
+    return body
+
+
+def target(base_path: str, path: str, query: bytes) -> bytes:
+    """The upstream request target: the configured base path, then the normalised path (never a client-built
+    URL: a path like `//evil/x` joined onto a base URL would name another host)."""
+    raw = (base_path + path).encode("ascii")
+    return raw + b"?" + query if query else raw

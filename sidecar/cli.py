@@ -28,7 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     check = commands.add_parser("check", help="validate the configuration")
     check.add_argument("--config")
 
-    commands.add_parser("demo", help="run the bundled demo and print curl lines")
+    demo = commands.add_parser("demo", help="run the bundled demo and print curl lines")
+    demo.add_argument("--self-test", action="store_true", help="send the printed requests, check them, exit")
 
     token = commands.add_parser("token", help="client access tokens")
     token_commands = token.add_subparsers(dest="token_command", required=True)
@@ -83,7 +84,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from sidecar.demo import run_demo
 
-    return run_demo()
+    return run_demo(["--self-test"] if args.self_test else [])
 
 
 def new_client_token() -> str:

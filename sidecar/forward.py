@@ -105,7 +105,11 @@ class HttpxTransport:
 
 def make_transport(upstream_url: str, connect_timeout: float, read_timeout: float) -> Transport:
     upstream = Upstream.parse(upstream_url)
-    kind = os.environ.get("SIDECAR_FORWARD_TRANSPORT", "httpx")
+    kind = os.environ.get("SIDECAR_FORWARD_TRANSPORT", "httptools")
     if kind == "httpx" or upstream.scheme == "https":
         return HttpxTransport(upstream, connect_timeout, read_timeout)
+    if kind == "httptools":
+        from sidecar.pool import PoolTransport
+
+        return PoolTransport(upstream, connect_timeout, read_timeout)
     raise ValueError(f"unknown SIDECAR_FORWARD_TRANSPORT {kind!r}; use httptools or httpx")

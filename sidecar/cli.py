@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
-import secrets
 import sys
 
 from sidecar.config import config_path, load
 from sidecar.yamlsource import ConfigError
-
-TOKEN_PREFIX = "sct_"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,20 +83,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(["--self-test"] if args.self_test else [])
 
 
-def new_client_token() -> str:
-    """A recognisable prefix (secret scanners can find leaked ones) and 32 random bytes."""
-    return TOKEN_PREFIX + secrets.token_urlsafe(32)
-
-
-def token_hash(token: str) -> str:
-    return "sha256:" + hashlib.sha256(token.encode()).hexdigest()
-
-
 def cmd_token(args: argparse.Namespace) -> int:
-    token = new_client_token()
+    from sidecar.client_tokens import new_token, token_hash
+
+    token = new_token()
     print(f"token (shown once; give it to client {args.client}): {token}")
     print("put this line in the client's tokens list:")
-    print(f'  tokens: ["{token_hash(token)}"]')
+    print(f'  tokens: ["sha256:{token_hash(token)}"]')
     return 0
 
 

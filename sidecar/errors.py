@@ -4,7 +4,9 @@
     ├── BadRequest            400 invalid_request
     ├── Unauthenticated       401 missing_credentials / invalid_token
     ├── Forbidden             403 insufficient_scope / route_not_allowed / ip_not_allowed
+    ├── NotFound              404 not_found (admin API)
     ├── NoRoute               404 no_route
+    ├── Conflict              409 conflict (admin API)
     ├── PayloadTooLarge       413 payload_too_large
     ├── HeadersTooLarge       431 headers_too_large
     ├── UpstreamUnavailable   502 upstream_unavailable
@@ -65,6 +67,16 @@ class MissingCredentials(Unauthenticated):
 class Forbidden(Refusal):
     status = 403
     reason = "insufficient_scope"
+
+
+class NotFound(Refusal):
+    status = 404
+    reason = "not_found"
+
+
+class Conflict(Refusal):
+    status = 409
+    reason = "conflict"
 
 
 class NoRoute(Refusal):

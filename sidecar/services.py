@@ -4,6 +4,8 @@ start; a reload swaps the policy and keeps the rest."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -11,10 +13,13 @@ import httpx
 
 from sidecar.audit import AuditLog
 from sidecar.cache import VerdictCache
+from sidecar.client_tokens import ClientTokens
+from sidecar.events import Events
 from sidecar.forward import Transport, make_transport
 from sidecar.metrics import Metrics
 from sidecar.policy import Policy
 from sidecar.signing import SigningKeys
+from sidecar.store import make_store
 
 if TYPE_CHECKING:
     from sidecar.authn.base import Identity
@@ -39,8 +44,25 @@ class Services:
             config.cache.ttl, config.cache.negative_ttl, config.cache.max_entries,
             on_result=self.metrics.cache_result,
         )
+        self.store = make_store(config.redis)
+        self.client_tokens = ClientTokens(self.store, config.clients)
+        self.events = Events()
         self.policy = Policy(loaded, self)
+        self.store.subscribe(self._on_store_message)
+        if hasattr(self.store, "on_reconnect"):
+            self.store.on_reconnect(self._forget_revocable_verdicts)
+        self._background: list[asyncio.Task[None]] = []
         self.ready = True
+
+    def _on_store_message(self, message: dict[str, Any]) -> None:
+        if message.get("type") == "token_revoked":
+            hex_hash = message.get("token_hash")
+            self.cache.local.evict_where(lambda v: getattr(v, "claims", {}).get("token_hash") == hex_hash)
+
+    def _forget_revocable_verdicts(self) -> None:
+        """Revocations may have been missed while the channel was down: drop every verdict they could affect."""
+        revocable = {a.name for a in self.policy.authenticators.values() if getattr(a, "revocable", False)}
+        self.cache.local.evict_where(lambda v: getattr(v, "method", None) in revocable)
 
     @property
     def config(self) -> Any:
@@ -65,12 +87,25 @@ class Services:
         return self.signing.sign(claims, IDENTITY_TOKEN_LIFETIME)
 
     async def start(self) -> None:
+        await self.store.start()
+        self._background.append(asyncio.ensure_future(self._every(5.0, self.client_tokens.flush_last_used)))
         for auth in self.policy.authenticators.values():
             jwks = getattr(auth, "jwks", None)
             if jwks is not None:
                 await jwks.refresh()
 
+    async def _every(self, seconds: float, job: Any) -> None:
+        while True:
+            await asyncio.sleep(seconds)
+            with contextlib.suppress(Exception):
+                await job()
+
     async def aclose(self) -> None:
+        for task in self._background:
+            task.cancel()
+        with contextlib.suppress(Exception):
+            await self.client_tokens.flush_last_used()
+        await self.store.aclose()
         self.audit.flush()
         for transport in self.transports.values():
             await transport.aclose()

@@ -22,8 +22,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from sidecar.echo import EchoApp, Received
 from sidecar.signing import public_jwk
 
-__all__ = ["KeyPair", "Received", "RecordingUpstream", "RunningSidecar", "free_port", "recording_upstream",
-           "running_sidecar", "serve_in_thread"]
+__all__ = ["KeyPair", "Received", "RecordingUpstream", "RunningSidecar", "SidecarProcess", "delete_sidecar_keys",
+           "free_port", "recording_upstream", "redis_url_for_tests", "running_sidecar", "serve_in_thread"]
 
 
 def free_port() -> int:
@@ -178,3 +178,107 @@ def running_sidecar(config: str | dict[str, Any], *, directory: str | None = Non
 
 def loop_stop(serving: Any) -> None:
     serving.stop()
+
+
+class SidecarProcess:
+    """`sidecar run` as a real separate process on loopback ports."""
+
+    def __init__(self, config_path: str | Path, *, workers: int = 1, env: dict[str, str] | None = None) -> None:
+        import os
+        import subprocess
+        import sys
+
+        self.port, self.admin_port = free_port(), free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.admin_url = f"http://127.0.0.1:{self.admin_port}"
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "sidecar", "run", "--config", str(config_path), "--host", "127.0.0.1",
+             "--port", str(self.port), "--admin-port", str(self.admin_port), "--workers", str(workers)],
+            env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )
+        self._wait_ready()
+
+    def _wait_ready(self, timeout: float = 20.0) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                err = self.process.stderr.read().decode() if self.process.stderr else ""
+                raise RuntimeError(f"sidecar exited with {self.process.returncode}: {err[-2000:]}")
+            try:
+                if httpx.get(self.admin_url + "/healthz", timeout=0.5).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError("sidecar process did not become healthy")
+
+    def stop(self, timeout: float = 15.0) -> int:
+        import signal as _signal
+
+        if self.process.poll() is None:
+            self.process.send_signal(_signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except Exception:
+                self.process.kill()
+                self.process.wait(5)
+        if self.process.stderr:
+            self.process.stderr.close()
+        return self.process.returncode
+
+    def __enter__(self) -> SidecarProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def redis_url_for_tests(db: int = 13) -> str:
+    """Redis for tests: $SIDECAR_TEST_REDIS_URL, else 127.0.0.1:6379, else a `redis-server` started on a free
+    port. Raises with how to get one when none can be had (tests never skip silently)."""
+    import os
+    import shutil
+    import subprocess
+
+    explicit = os.environ.get("SIDECAR_TEST_REDIS_URL")
+    if explicit:
+        return explicit
+    if _redis_answers("127.0.0.1", 6379):
+        return f"redis://127.0.0.1:6379/{db}"
+    server = shutil.which("redis-server")
+    if server is None:
+        raise RuntimeError("these tests need Redis: set SIDECAR_TEST_REDIS_URL, run one on 127.0.0.1:6379, "
+                           "or install redis-server (apt-get install redis-server)")
+    port = free_port()
+    subprocess.Popen([server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(100):
+        if _redis_answers("127.0.0.1", port):
+            return f"redis://127.0.0.1:{port}/{db}"
+        time.sleep(0.05)
+    raise RuntimeError(f"started redis-server on port {port} but it does not answer")
+
+
+def _redis_answers(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def delete_sidecar_keys(url: str) -> None:
+    """Remove the keys a sidecar wrote (prefix `sidecar:`) from this Redis database — never FLUSHALL."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        keys = list(client.scan_iter(match="sidecar:*", count=1000))
+        for key in keys:
+            client.delete(key)
+    finally:
+        client.close()

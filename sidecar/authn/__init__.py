@@ -8,6 +8,7 @@ from typing import Any
 
 from sidecar.authn.anonymous import AnonymousAuthenticator, AnonymousConfig
 from sidecar.authn.base import Authenticator, Identity
+from sidecar.authn.client_token import ClientTokenAuthenticator, ClientTokenConfig
 from sidecar.authn.jwt import JwtAuthenticator, JwtConfig
 
 
@@ -20,6 +21,7 @@ class AuthenticatorType:
 REGISTRY: dict[str, AuthenticatorType] = {
     "jwt": AuthenticatorType(JwtConfig, JwtAuthenticator),
     "anonymous": AuthenticatorType(AnonymousConfig, AnonymousAuthenticator),
+    "client_token": AuthenticatorType(ClientTokenConfig, ClientTokenAuthenticator),
 }
 
 __all__ = ["REGISTRY", "Authenticator", "AuthenticatorType", "Identity"]

@@ -1,0 +1,64 @@
+"""`client_token`: a per-client access token (seed 000) from `X-Client-Token` or `Authorization: Bearer`,
+looked up by SHA-256 hash among the clients' tokens and those minted through the admin API. Verdicts are
+cached in-process only (the lookup itself is the shared state) and evicted everywhere on revocation."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+
+from sidecar.authn.base import Identity, fingerprint, read_first
+from sidecar.client_tokens import token_hash
+from sidecar.configtypes import CredentialSource, Duration, Model, Source, parse_source
+from sidecar.errors import Unauthenticated
+from sidecar.request import RequestView
+
+MAX_TOKEN_LENGTH = 4096
+
+
+def default_sources() -> list[Source]:
+    return [parse_source("header:X-Client-Token"), parse_source("header:Authorization")]
+
+
+class ClientTokenConfig(Model):
+    type: Literal["client_token"]
+    from_: list[CredentialSource] = Field(default_factory=default_sources, alias="from", min_length=1)
+    cache_ttl: Duration | None = None
+
+
+class ClientTokenAuthenticator:
+    needs_body = False
+    cacheable = True
+    revocable = True  # its cached verdicts are dropped when revocations cannot be heard
+    bearer = True
+
+    def __init__(self, name: str, config: ClientTokenConfig, services: Any) -> None:
+        self.name = name
+        self.fingerprint = fingerprint(name, config)
+        self.sources: tuple[Source, ...] = tuple(config.from_)
+        self.needs_body = any(s.kind in ("form", "body") for s in self.sources)
+        self.cache_ttl = config.cache_ttl
+        self._services = services
+
+    def credential(self, request: RequestView) -> str | None:
+        return read_first(request, self.sources)
+
+    async def verify(self, credential: str, request: RequestView) -> Identity:
+        if not credential:
+            raise Unauthenticated("the client token is empty", detail="empty")
+        if len(credential) > MAX_TOKEN_LENGTH:
+            raise Unauthenticated("the client token is too large", detail="oversized")
+        hex_hash = token_hash(credential)
+        found = await self._services.client_tokens.lookup(hex_hash)
+        if found is None:
+            raise Unauthenticated("unknown or revoked client token", detail="unknown token")
+        client_id, token_id = found
+        client = self._services.policy.clients.get(client_id)
+        if client is None:
+            raise Unauthenticated("the token's client is no longer configured", detail="client removed")
+        self._services.client_tokens.touch(token_id)
+        return Identity(
+            subject=client_id, method=self.name, client=client_id, scopes=frozenset(client.scopes),
+            claims={"token_hash": hex_hash, "token_id": token_id},
+        )

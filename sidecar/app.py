@@ -8,6 +8,7 @@ from typing import Any
 from sidecar.admin import admin_app
 from sidecar.config import LoadedConfig
 from sidecar.gateway import Gateway
+from sidecar.issuer import issuer_app, issuer_prefix
 from sidecar.services import Services
 
 
@@ -15,10 +16,16 @@ class MainApp:
     def __init__(self, services: Services) -> None:
         self.services = services
         self.gateway = Gateway(services)
+        self.prefix = issuer_prefix(services)
+        self.prefix_slash = self.prefix + "/"
+        self.issuer = issuer_app(services)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "http":
-            await self.gateway(scope, receive, send)
+            if scope["path"].startswith(self.prefix_slash):
+                await self.issuer(scope, receive, send)
+            else:
+                await self.gateway(scope, receive, send)
         elif scope["type"] == "lifespan":
             await _lifespan(self.services, receive, send)
         else:  # websockets are not proxied
@@ -39,4 +46,4 @@ async def _lifespan(services: Services, receive: Any, send: Any) -> None:
 
 def create_apps(loaded: LoadedConfig, services: Services | None = None) -> tuple[MainApp, Any, Services]:
     services = services or Services(loaded)
-    return MainApp(services), admin_app(services), services
+    return MainApp(services), admin_app(services, services.webhooks.admin_routes()), services

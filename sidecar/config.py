@@ -144,6 +144,7 @@ class RequireConfig(Model):
 class EmitConfig(Model):
     event: str
     when: Literal["2xx", "3xx", "4xx", "5xx", "any"] = "2xx"
+    max_body: int = Field(default=256 * 1024, ge=0)  # larger replies are not captured (the event says so)
 
 
 class RouteConfig(Model):

@@ -4,6 +4,7 @@ Every refusal is a `Refusal` raised on the way and answered here, with its audit
 
 from __future__ import annotations
 
+import json
 import re
 import time
 import uuid
@@ -61,7 +62,7 @@ class Gateway:
             auth, identity = await self.authenticate(plan, request)
             log.update(authenticator=auth.name, subject=identity.subject, client=identity.client)
             authorize(plan.config, identity, request.client_ip, policy.clients)
-            status, upstream_seconds = await self.forward(plan, request, identity, receive, send, responded)
+            status, upstream_seconds = await self.forward(plan, request, auth, identity, receive, send, responded)
             log.update(decision="allow", reason="ok", status=status, upstream_ms=round(upstream_seconds * 1000, 2))
         except Refusal as refusal:
             log.update(decision="deny", reason=refusal.reason, status=refusal.status)
@@ -92,7 +93,8 @@ class Gateway:
         raise MissingCredentials("no credential was presented", detail="missing")
 
     async def forward(
-        self, plan: RoutePlan, request: RequestView, identity: Identity, receive: Any, send: Any, responded: list[bool],
+        self, plan: RoutePlan, request: RequestView, auth: Authenticator, identity: Identity, receive: Any, send: Any,
+        responded: list[bool],
     ) -> tuple[int, float]:
         policy = self.services.policy
         body: Any
@@ -114,17 +116,33 @@ class Gateway:
         started = time.perf_counter()
         response = await plan.transport.send(request.method, target(plan.base_path, request.path, query), headers, body)
         upstream_seconds = time.perf_counter() - started
+        emits = [e for e in plan.config.emit if _status_matches(e.when, response.status)]
+        captured: list[bytes] | None = [] if emits else None
+        cap = max((e.max_body for e in emits), default=0)
+        size = 0
         try:
             response_headers = response.headers
             response_headers.append((b"x-request-id", request.request_id.encode()))
+            extra = getattr(auth, "response_headers", None)
+            if extra is not None:
+                response_headers.extend(extra(identity, request))
             await send({"type": "http.response.start", "status": response.status, "headers": response_headers})
             responded[0] = True
             async for chunk in response.body():
                 if chunk:
+                    if captured is not None:
+                        size += len(chunk)
+                        if size <= cap:
+                            captured.append(chunk)
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             await response.aclose()
+        if emits:
+            # The caller already has the whole reply; the event is queued before this handler returns.
+            data = event_data(b"".join(captured or []), size, cap, identity, plan.route.id)
+            for emit in emits:
+                await self.services.events.emit(emit.event, data)
         return response.status, upstream_seconds
 
     async def refuse(
@@ -184,6 +202,26 @@ def _has_body(headers: list[tuple[bytes, bytes]]) -> bool:
         if key == b"transfer-encoding" or (key == b"content-length" and value.strip() not in (b"0", b"")):
             return True
     return False
+
+
+def _status_matches(when: str, status: int) -> bool:
+    return when == "any" or str(status)[0] == when[0]
+
+
+def event_data(body: bytes, size: int, cap: int, identity: Identity, route_id: str) -> dict[str, Any]:
+    """The data of a route `emit` event: the upstream's JSON reply, plus `client` and `route` (SPEC §8)."""
+    data: dict[str, Any]
+    if size > cap:
+        data = {"body_captured": False, "reason": f"the reply ({size} bytes) is larger than {cap} bytes"}
+    else:
+        try:
+            reply = json.loads(body) if body else None
+        except ValueError:
+            reply = None
+        data = dict(reply) if isinstance(reply, dict) else {"reply": reply}
+    data["client"] = identity.client
+    data["route"] = route_id
+    return data
 
 
 def _wants_html(request: RequestView) -> bool:

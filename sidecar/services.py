@@ -20,6 +20,7 @@ from sidecar.metrics import Metrics
 from sidecar.policy import Policy
 from sidecar.signing import SigningKeys
 from sidecar.store import make_store
+from sidecar.webhooks import Webhooks
 
 if TYPE_CHECKING:
     from sidecar.authn.base import Identity
@@ -47,6 +48,8 @@ class Services:
         self.store = make_store(config.redis)
         self.client_tokens = ClientTokens(self.store, config.clients)
         self.events = Events()
+        self.webhooks = Webhooks(self)
+        self.events.add_sink(self.webhooks.enqueue)
         self.policy = Policy(loaded, self)
         self.store.subscribe(self._on_store_message)
         if hasattr(self.store, "on_reconnect"):
@@ -88,6 +91,7 @@ class Services:
 
     async def start(self) -> None:
         await self.store.start()
+        await self.webhooks.start()
         self._background.append(asyncio.ensure_future(self._every(5.0, self.client_tokens.flush_last_used)))
         for auth in self.policy.authenticators.values():
             jwks = getattr(auth, "jwks", None)
@@ -105,6 +109,7 @@ class Services:
             task.cancel()
         with contextlib.suppress(Exception):
             await self.client_tokens.flush_last_used()
+        await self.webhooks.aclose()
         await self.store.aclose()
         self.audit.flush()
         for transport in self.transports.values():

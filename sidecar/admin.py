@@ -87,14 +87,32 @@ class AdminApi:
         await self.services.events.emit("client.token.revoked", {"client": client_id, "token_id": token_id})
         return Response(status_code=204)
 
+    async def reload(self, request: Request) -> Response:
+        ok, errors = await self.services.reload_from_file("admin api")
+        if not ok:
+            return JSONResponse({"reloaded": False, "errors": errors}, status_code=400)
+        _tell_siblings_to_reload()
+        return JSONResponse({"reloaded": True, "routes": len(self.services.policy.config.routes)})
+
     def routes(self) -> list[Route]:
         g = self.guarded
         return [
+            Route("/admin/reload", g("reload", self.reload), methods=["POST"]),
             Route("/admin/clients", g("clients.list", self.list_clients), methods=["GET"]),
             Route("/admin/clients/{client_id}/tokens", g("token.mint", self.mint_token), methods=["POST"]),
             Route("/admin/clients/{client_id}/tokens/{token_id}", g("token.revoke", self.revoke_token),
                   methods=["DELETE"]),
         ]
+
+
+def _tell_siblings_to_reload() -> None:
+    """Under `--workers N`, the supervisor passes SIGHUP to every worker: all of them reload, not just this one."""
+    import os
+    import signal
+
+    supervisor = os.environ.get("SIDECAR_SUPERVISOR_PID")
+    if supervisor and supervisor.isdigit() and int(supervisor) == os.getppid():
+        os.kill(int(supervisor), signal.SIGHUP)
 
 
 def admin_app(services: Services, extra_routes: list[Route] | None = None) -> Starlette:

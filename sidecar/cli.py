@@ -20,6 +20,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--port", type=int, default=8080)
     run.add_argument("--admin-port", type=int, default=9901)
     run.add_argument("--workers", type=int, default=1)
+    run.add_argument("--grace", type=float, default=30.0,
+                     help="seconds in-flight requests get to finish after SIGTERM (default 30)")
 
     check = commands.add_parser("check", help="validate the configuration")
     check.add_argument("--config")
@@ -63,7 +65,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if _load_or_report(path) is None:
         return 1
     admin_host = os.environ.get("SIDECAR_ADMIN_HOST", "127.0.0.1")
-    return run(path, args.host, args.port, admin_host, args.admin_port, args.workers)
+    return run(path, args.host, args.port, admin_host, args.admin_port, args.workers, args.grace)
 
 
 def cmd_check(args: argparse.Namespace) -> int:

@@ -62,12 +62,15 @@ class Gateway:
             auth, identity = await self.authenticate(plan, request)
             log.update(authenticator=auth.name, subject=identity.subject, client=identity.client)
             authorize(plan.config, identity, request.client_ip, policy.clients)
-            status, upstream_seconds = await self.forward(plan, request, auth, identity, receive, send, responded)
+            status, upstream_seconds = await self.forward(
+                policy, plan, request, auth, identity, receive, send, responded)
             log.update(decision="allow", reason="ok", status=status, upstream_ms=round(upstream_seconds * 1000, 2))
         except Refusal as refusal:
             log.update(decision="deny", reason=refusal.reason, status=refusal.status)
             if refusal.detail:
                 log["detail"] = refusal.detail
+            if refusal.status in (502, 504):
+                self.services.metrics.upstream_errors.labels(log["route"] or "-", refusal.reason).inc()
             if not responded[0]:
                 await self.refuse(refusal, plan, request, scope, send)
         except ClientDisconnected:
@@ -93,10 +96,9 @@ class Gateway:
         raise MissingCredentials("no credential was presented", detail="missing")
 
     async def forward(
-        self, plan: RoutePlan, request: RequestView, auth: Authenticator, identity: Identity, receive: Any, send: Any,
-        responded: list[bool],
+        self, policy: Policy, plan: RoutePlan, request: RequestView, auth: Authenticator, identity: Identity,
+        receive: Any, send: Any, responded: list[bool],
     ) -> tuple[int, float]:
-        policy = self.services.policy
         body: Any
         body_length = None
         if request.body is not None:

@@ -126,6 +126,8 @@ def _supervise(config_path: str, main_sock: socket.socket, admin_sock: socket.so
                graceful: float) -> int:
     context = multiprocessing.get_context("spawn")
     stopping = False
+    os.environ["SIDECAR_SUPERVISOR_PID"] = str(os.getpid())
+    metrics_dir = _multiprocess_metrics_dir()
 
     def spawn() -> Any:
         process = context.Process(target=_run_worker, args=(config_path, main_sock, admin_sock, graceful), daemon=False)
@@ -149,10 +151,35 @@ def _supervise(config_path: str, main_sock: socket.socket, admin_sock: socket.so
         for i, process in enumerate(processes):
             if not process.is_alive() and not stopping:
                 log.warning("worker %s exited with %s; starting another", process.pid, process.exitcode)
+                _mark_dead(process.pid)
                 processes[i] = spawn()
     deadline = time.monotonic() + graceful + 5
     for process in processes:
         process.join(max(0.1, deadline - time.monotonic()))
         if process.is_alive():
             process.kill()
+    import shutil
+
+    shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
+
+
+def _multiprocess_metrics_dir() -> str:
+    """prometheus-client's multiprocess mode: every worker writes its samples to files in one directory and a
+    scrape of any worker sums them all."""
+    import tempfile
+
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.mkdtemp(prefix="sidecar-metrics-")
+    os.makedirs(directory, exist_ok=True)
+    for name in os.listdir(directory):
+        if name.endswith(".db"):
+            os.unlink(os.path.join(directory, name))
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+    return directory
+
+
+def _mark_dead(pid: int | None) -> None:
+    if pid is not None:
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid)

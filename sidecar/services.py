@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -55,6 +56,7 @@ class Services:
         if hasattr(self.store, "on_reconnect"):
             self.store.on_reconnect(self._forget_revocable_verdicts)
         self._background: list[asyncio.Task[None]] = []
+        self._identity_tokens: dict[tuple[Any, ...], tuple[str, float]] = {}
         self.ready = True
 
     def _on_store_message(self, message: dict[str, Any]) -> None:
@@ -85,13 +87,24 @@ class Services:
         """With `identity.signed_token`, a short JWT the backend can verify against the JWKS (SPEC §4)."""
         if not self.policy.config.identity.signed_token or not self.signing:
             return None
+        # Signing costs ~1 ms (RSA): one token per identity is reused for a third of its lifetime.
+        key = (identity.subject, identity.client, identity.scopes, identity.method)
+        now = time.monotonic()
+        cached = self._identity_tokens.get(key)
+        if cached is not None and cached[1] > now:
+            return cached[0]
         claims = {"sub": identity.subject, "client_id": identity.client, "scope": " ".join(sorted(identity.scopes)),
                   "auth_method": identity.method}
-        return self.signing.sign(claims, IDENTITY_TOKEN_LIFETIME)
+        token = self.signing.sign(claims, IDENTITY_TOKEN_LIFETIME)
+        if len(self._identity_tokens) > 10_000:
+            self._identity_tokens.clear()
+        self._identity_tokens[key] = (token, now + IDENTITY_TOKEN_LIFETIME / 3)
+        return token
 
     async def start(self) -> None:
         await self.store.start()
         await self.webhooks.start()
+        self._background.append(asyncio.ensure_future(self.watch_config()))
         self._background.append(asyncio.ensure_future(self._every(5.0, self.client_tokens.flush_last_used)))
         for auth in self.policy.authenticators.values():
             jwks = getattr(auth, "jwks", None)
@@ -115,3 +128,56 @@ class Services:
         for transport in self.transports.values():
             await transport.aclose()
         await self.http.aclose()
+
+    # --- reload (SIGHUP, POST /admin/reload, the file changing) -------------------------------------------------
+
+    async def reload_from_file(self, reason: str = "signal") -> tuple[bool, list[str]]:
+        """Validate the file fully, then swap the policy. A bad file is refused and the old policy stays; requests
+        in flight keep the policy they started with. Redis, the cache and the listeners are not re-created:
+        changing `redis:` needs a restart."""
+        from sidecar.config import load
+        from sidecar.yamlsource import ConfigError
+
+        path = self.loaded.path
+        try:
+            loaded = load(path)
+            policy = Policy(loaded, self)
+        except ConfigError as exc:
+            self.audit.write(kind="reload", decision="refused", reason=reason, errors=exc.errors)
+            log.warning("reload refused: %s", "; ".join(exc.errors))
+            return False, exc.errors
+        except Exception as exc:  # a new policy that cannot even be built must not take the process down
+            self.audit.write(kind="reload", decision="refused", reason=reason, errors=[repr(exc)])
+            return False, [repr(exc)]
+        for auth in policy.authenticators.values():
+            jwks = getattr(auth, "jwks", None)
+            if jwks is not None:
+                await jwks.refresh()
+        self.loaded = loaded
+        self.policy = policy
+        self.client_tokens.configure(loaded.config.clients)
+        self._config_stamp = _file_stamp(path)
+        self.audit.write(kind="reload", decision="applied", reason=reason, routes=len(loaded.config.routes))
+        return True, []
+
+    async def watch_config(self, interval: float = 1.0) -> None:
+        """Reload when the file changes — including a Kubernetes ConfigMap update, which swaps a `..data`
+        symlink (the path's target changes while the path itself is untouched)."""
+        self._config_stamp = _file_stamp(self.loaded.path)
+        while True:
+            await asyncio.sleep(interval)
+            stamp = _file_stamp(self.loaded.path)
+            if stamp is not None and stamp != self._config_stamp:
+                self._config_stamp = stamp
+                await self.reload_from_file("file changed")
+
+
+def _file_stamp(path: str) -> tuple[Any, ...] | None:
+    import os
+
+    try:
+        real = os.path.realpath(path)
+        stat = os.stat(real)
+    except OSError:
+        return None
+    return (real, stat.st_ino, stat.st_mtime_ns, stat.st_size)

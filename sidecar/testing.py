@@ -183,7 +183,8 @@ def loop_stop(serving: Any) -> None:
 class SidecarProcess:
     """`sidecar run` as a real separate process on loopback ports."""
 
-    def __init__(self, config_path: str | Path, *, workers: int = 1, env: dict[str, str] | None = None) -> None:
+    def __init__(self, config_path: str | Path, *, workers: int = 1, env: dict[str, str] | None = None,
+                 grace: float = 30.0) -> None:
         import os
         import subprocess
         import sys
@@ -193,7 +194,8 @@ class SidecarProcess:
         self.admin_url = f"http://127.0.0.1:{self.admin_port}"
         self.process = subprocess.Popen(
             [sys.executable, "-m", "sidecar", "run", "--config", str(config_path), "--host", "127.0.0.1",
-             "--port", str(self.port), "--admin-port", str(self.admin_port), "--workers", str(workers)],
+             "--port", str(self.port), "--admin-port", str(self.admin_port), "--workers", str(workers),
+             "--grace", str(grace)],
             env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
         self._wait_ready()

@@ -1,0 +1,162 @@
+"""Operations: reload without downtime, graceful shutdown, several workers, metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+from sidecar.testing import SidecarProcess, recording_upstream, running_sidecar, serve_in_thread
+
+ADMIN = "ops-admin-token-0123456789abcdef"
+
+
+def config(upstream: str, routes: list[dict]) -> str:
+    return json.dumps({
+        "version": 1, "upstream": upstream, "admin": {"token": ADMIN},
+        "authenticators": {"public": {"type": "anonymous"}},
+        "routes": routes,
+    })
+
+
+def route(route_id: str, path: str) -> dict:
+    return {"id": route_id, "match": {"path": path}, "auth": ["public"]}
+
+
+def wait_status(url: str, status: int, within: float) -> float:
+    started = time.monotonic()
+    while time.monotonic() - started < within:
+        if httpx.get(url).status_code == status:
+            return time.monotonic() - started
+        time.sleep(0.05)
+    raise AssertionError(f"{url} did not answer {status} within {within} s")
+
+
+def test_route_added_to_the_file_is_served_after_a_change():
+    """A route added to the file is served within seconds of the change (the file is watched)."""
+    with recording_upstream() as up, running_sidecar(config(up.url, [route("a", "/a/**")])) as sc:
+        assert httpx.get(sc.url + "/b/1").status_code == 404
+        sc.config_path.write_text(config(up.url, [route("a", "/a/**"), route("b", "/b/**")]))
+        assert wait_status(sc.url + "/b/1", 200, within=5) < 5
+
+
+def test_configmap_symlink_swap_is_picked_up(tmp_path: Path):
+    """A ConfigMap-style update (the `..data` symlink swapped to a new directory) reloads the policy."""
+    with recording_upstream() as up:
+        first, second = tmp_path / "v1", tmp_path / "v2"
+        first.mkdir()
+        second.mkdir()
+        (first / "sidecar.yaml").write_text(config(up.url, [route("a", "/a/**")]))
+        (second / "sidecar.yaml").write_text(config(up.url, [route("a", "/a/**"), route("c", "/c/**")]))
+        (tmp_path / "..data").symlink_to(first)
+        (tmp_path / "sidecar.yaml").symlink_to(tmp_path / "..data" / "sidecar.yaml")
+        with SidecarProcess(tmp_path / "sidecar.yaml") as sc:
+            assert httpx.get(sc.url + "/c/1").status_code == 404
+            (tmp_path / "..data_tmp").symlink_to(second)
+            os.replace(tmp_path / "..data_tmp", tmp_path / "..data")
+            assert wait_status(sc.url + "/c/1", 200, within=5) < 5
+
+
+def test_sighup_reloads_and_a_broken_file_keeps_the_old_policy(tmp_path: Path):
+    """SIGHUP reloads; a broken file is refused, the process lives on and the old routes keep working."""
+    with recording_upstream() as up:
+        path = tmp_path / "sidecar.yaml"
+        path.write_text(config(up.url, [route("a", "/a/**")]))
+        with SidecarProcess(path) as sc:
+            path.write_text("version: 1\nupstream: [not, a, url]\nroutes: {}\n")
+            sc.process.send_signal(signal.SIGHUP)
+            time.sleep(1.5)
+            assert sc.process.poll() is None
+            assert httpx.get(sc.url + "/a/1").status_code == 200
+            path.write_text(config(up.url, [route("a", "/a/**"), route("d", "/d/**")]))
+            sc.process.send_signal(signal.SIGHUP)
+            assert wait_status(sc.url + "/d/1", 200, within=5) < 5
+
+
+def test_admin_reload_reports_errors_and_keeps_old_policy():
+    """POST /admin/reload with a broken file answers 400 with the errors; the old routes keep working."""
+    with recording_upstream() as up, running_sidecar(config(up.url, [route("a", "/a/**")])) as sc:
+        good = sc.config_path.read_text()
+        sc.services._config_stamp = None  # the watcher would reload too; this test drives the API
+        sc.config_path.write_text(good.replace('"version": 1', '"version": 1, "typo_key": 1'))
+        response = httpx.post(sc.admin_url + "/admin/reload", headers={"Authorization": f"Bearer {ADMIN}"})
+        assert response.status_code == 400
+        assert any("typo_key" in error for error in response.json()["errors"])
+        assert httpx.get(sc.url + "/a/1").status_code == 200
+        assert httpx.post(sc.admin_url + "/admin/reload").status_code == 401
+
+
+def slow_upstream(delay: float):
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        await __import__("asyncio").sleep(delay)
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+        await send({"type": "http.response.body", "body": b"finished"})
+    return app
+
+
+def test_request_in_flight_at_sigterm_completes(tmp_path: Path):
+    """A request in flight when SIGTERM arrives completes with its real answer, and the process exits 0."""
+    with serve_in_thread(slow_upstream(1.5)) as upstream_url:
+        path = tmp_path / "sidecar.yaml"
+        path.write_text(config(upstream_url, [route("all", "/**")]))
+        sc = SidecarProcess(path, grace=10)
+        result: dict = {}
+
+        def call() -> None:
+            response = httpx.get(sc.url + "/slow", timeout=10)
+            result.update(status=response.status_code, body=response.text)
+
+        thread = threading.Thread(target=call)
+        thread.start()
+        time.sleep(0.5)
+        sc.process.send_signal(signal.SIGTERM)
+        thread.join(10)
+        assert result == {"status": 200, "body": "finished"}
+        assert sc.process.wait(10) == 0
+        sc.stop()
+
+
+def test_two_workers_serve_and_share_one_metrics_scrape(tmp_path: Path):
+    """With --workers 2 every request is answered correctly and one scrape counts the requests of both."""
+    with recording_upstream() as up:
+        path = tmp_path / "sidecar.yaml"
+        path.write_text(config(up.url, [route("all", "/**")]))
+        with SidecarProcess(path, workers=2) as sc:
+            with httpx.Client() as client:  # new connections spread over both workers
+                for i in range(40):
+                    response = client.get(f"{sc.url}/n/{i}", headers={"Connection": "close"})
+                    assert response.status_code == 200
+                    assert response.json()["path"] == f"/n/{i}"
+            pids = {r.header("x-forwarded-for") for r in up.received}
+            assert pids == {"127.0.0.1"}
+            text = httpx.get(sc.admin_url + "/metrics").text
+            total = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                        if line.startswith('sidecar_requests_total{') and 'route="all"' in line)
+            assert total == 40
+
+
+def test_metrics_have_the_spec_series_and_no_credential():
+    """/metrics has the SPEC §9 series, labelled by route id and decision, and never a credential or path."""
+    secret = "Bearer super-secret-token-value"
+    with recording_upstream() as up:
+        cfg = json.loads(config(up.url, [route("all", "/**")]))
+        cfg["authenticators"]["idp"] = {"type": "jwt", "secret": "x" * 40}
+        cfg["routes"].insert(0, {"id": "guarded", "match": {"path": "/guarded/**"}, "auth": ["idp"]})
+        with running_sidecar(json.dumps(cfg)) as sc:
+            httpx.get(sc.url + "/x/secret-path-segment")
+            httpx.get(sc.url + "/guarded/1", headers={"Authorization": secret})
+            text = httpx.get(sc.admin_url + "/metrics").text
+    for series in ("sidecar_requests_total", "sidecar_request_duration_seconds", "sidecar_auth_cache_total",
+                   "sidecar_webhook_deliveries_total", "sidecar_upstream_errors_total"):
+        assert series in text
+    assert 'sidecar_requests_total{decision="allow",route="all"} 1.0' in text
+    assert 'sidecar_requests_total{decision="deny",route="guarded"} 1.0' in text
+    assert "super-secret" not in text
+    assert "secret-path-segment" not in text

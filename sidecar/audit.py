@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import sys
 import time
 from typing import Any, TextIO
+
+import orjson
 
 
 def credential_hint(credential: str) -> str:
@@ -26,10 +27,12 @@ class AuditLog:
         self._flush_scheduled = False
 
     def write(self, **fields: Any) -> None:
+        self.record(fields)
+
+    def record(self, fields: dict[str, Any]) -> None:
         if not self._enabled:
             return
-        fields = {"time": _now_iso(), **fields}
-        self._pending.append(json.dumps(fields, separators=(",", ":"), default=str))
+        self._pending.append(orjson.dumps({"time": _now_iso(), **fields}, default=str).decode())
         if not self._flush_scheduled:
             try:
                 asyncio.get_running_loop().call_later(0.2, self.flush)

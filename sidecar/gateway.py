@@ -4,6 +4,7 @@ Every refusal is a `Refusal` raised on the way and answered here, with its audit
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import time
@@ -35,53 +36,60 @@ class Gateway:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         started = time.perf_counter()
-        policy: Policy = self.services.policy
+        services = self.services
+        policy: Policy = services.policy
         headers: list[tuple[bytes, bytes]] = scope["headers"]
-        request_id = _request_id(headers)
-        log: dict[str, Any] = {"request_id": request_id, "method": scope["method"], "route": None}
+        seen = scan_headers(headers)
+        method = scope["method"]
+        log: dict[str, Any] = {"request_id": seen.request_id, "method": method, "route": None}
         plan: RoutePlan | None = None
         request: RequestView | None = None
         responded = [False]
+        upstream_seconds = None
         try:
             path = normalise(scope)
             log["path"] = path
-            host = _host(headers)
-            plan = policy.match(scope["method"], host, path)
+            if seen.hosts > 1:
+                raise BadRequest("more than one Host header")
+            plan = policy.match(method, seen.host, path)
             if plan is None:
                 raise NoRoute("no route matches this request")
             log["route"] = plan.route.id
-            peer = scope["client"][0] if scope.get("client") else "0.0.0.0"
-            forwarded_for = [v for k, v in headers if k == b"x-forwarded-for"]
-            request = RequestView(
-                scope["method"], path, scope.get("query_string", b""), headers, host, scope.get("scheme", "http"),
-                peer, client_address(peer, forwarded_for, policy.trusted_proxies), request_id,
+            client = scope.get("client")
+            peer = client[0] if client else "0.0.0.0"
+            client_ip = (
+                client_address(peer, seen.forwarded_for, policy.trusted_proxies) if policy.trusted_proxies else peer
             )
-            log["client_ip"] = request.client_ip
+            request = RequestView(method, path, scope.get("query_string", b""), headers, seen.host,
+                                  scope.get("scheme", "http"), peer, client_ip, seen.request_id)
+            log["client_ip"] = client_ip
             if plan.needs_body:
-                request.body = await read_body(receive, plan.config.max_body, request.header(b"content-length"))
+                request.body = await read_body(receive, plan.config.max_body, seen.content_length)
             auth, identity = await self.authenticate(plan, request)
-            log.update(authenticator=auth.name, subject=identity.subject, client=identity.client)
-            authorize(plan.config, identity, request.client_ip, policy.clients)
+            log["authenticator"] = auth.name
+            log["subject"] = identity.subject
+            log["client"] = identity.client
+            authorize(plan.config, identity, client_ip, policy.clients)
             status, upstream_seconds = await self.forward(
-                policy, plan, request, auth, identity, receive, send, responded)
-            log.update(decision="allow", reason="ok", status=status, upstream_ms=round(upstream_seconds * 1000, 2))
+                policy, plan, request, auth, identity, receive, send, responded, seen.has_body)
+            log["decision"] = "allow"
+            log["reason"] = "ok"
+            log["status"] = status
+            log["upstream_ms"] = round(upstream_seconds * 1000, 2)
         except Refusal as refusal:
             log.update(decision="deny", reason=refusal.reason, status=refusal.status)
             if refusal.detail:
                 log["detail"] = refusal.detail
             if refusal.status in (502, 504):
-                self.services.metrics.upstream_errors.labels(log["route"] or "-", refusal.reason).inc()
+                services.metrics.upstream_errors.labels(log["route"] or "-", refusal.reason).inc()
             if not responded[0]:
                 await self.refuse(refusal, plan, request, scope, send)
         except ClientDisconnected:
             log.update(decision="abandoned", reason="client_disconnected", status=499)
         total = time.perf_counter() - started
         log["total_ms"] = round(total * 1000, 2)
-        self.services.audit.write(**log)
-        upstream_ms = log.get("upstream_ms")
-        self.services.metrics.request(
-            log["route"] or "-", log["decision"], total, upstream_ms / 1000 if upstream_ms is not None else None,
-        )
+        services.audit.record(log)
+        services.metrics.request(log["route"] or "-", log["decision"], total, upstream_seconds)
 
     async def authenticate(self, plan: RoutePlan, request: RequestView) -> tuple[Authenticator, Identity]:
         for auth in plan.authenticators:
@@ -97,14 +105,14 @@ class Gateway:
 
     async def forward(
         self, policy: Policy, plan: RoutePlan, request: RequestView, auth: Authenticator, identity: Identity,
-        receive: Any, send: Any, responded: list[bool],
+        receive: Any, send: Any, responded: list[bool], has_body: bool,
     ) -> tuple[int, float]:
         body: Any
         body_length = None
         if request.body is not None:
             body = strip_body(request.body, request.content_type(), plan.strip.body_fields)
             body_length = len(body) if (body or request.header(b"content-length") is not None) else None
-        elif _has_body(request.headers):
+        elif has_body:
             body = stream_body(receive)
         else:
             body = None
@@ -118,9 +126,9 @@ class Gateway:
         started = time.perf_counter()
         response = await plan.transport.send(request.method, target(plan.base_path, request.path, query), headers, body)
         upstream_seconds = time.perf_counter() - started
-        emits = [e for e in plan.config.emit if _status_matches(e.when, response.status)]
+        emits = [e for e in plan.config.emit if _status_matches(e.when, response.status)] if plan.config.emit else None
         captured: list[bytes] | None = [] if emits else None
-        cap = max((e.max_body for e in emits), default=0)
+        cap = max((e.max_body for e in emits), default=0) if emits else 0
         size = 0
         try:
             response_headers = response.headers
@@ -180,30 +188,56 @@ def normalise(scope: dict[str, Any]) -> str:
     return normalise_path(raw)
 
 
-def _host(headers: list[tuple[bytes, bytes]]) -> str:
-    hosts = [v for k, v in headers if k == b"host"]
-    if len(hosts) > 1:
-        raise BadRequest("more than one Host header")
-    if not hosts:
-        return ""
-    host = hosts[0].decode("latin-1").strip().lower()
+class SeenHeaders:
+    """What the gateway needs from the request headers, found in one pass."""
+
+    __slots__ = ("content_length", "forwarded_for", "has_body", "host", "hosts", "request_id")
+
+    def __init__(self) -> None:
+        self.host = ""
+        self.hosts = 0
+        self.forwarded_for: list[bytes] = []
+        self.request_id = ""
+        self.content_length: str | None = None
+        self.has_body = False
+
+
+def scan_headers(headers: list[tuple[bytes, bytes]]) -> SeenHeaders:
+    seen = SeenHeaders()
+    for key, value in headers:
+        if key == b"host":
+            seen.hosts += 1
+            seen.host = _host_name(value)
+        elif key == b"x-forwarded-for":
+            seen.forwarded_for.append(value)
+        elif key == b"x-request-id":
+            if not seen.request_id and _REQUEST_ID.match(value):
+                seen.request_id = value.decode("ascii")
+        elif key == b"content-length":
+            seen.content_length = value.decode("latin-1")
+            if value.strip() not in (b"0", b""):
+                seen.has_body = True
+        elif key == b"transfer-encoding":
+            seen.has_body = True
+    if not seen.request_id:
+        seen.request_id = next_request_id()
+    return seen
+
+
+def _host_name(value: bytes) -> str:
+    host = value.decode("latin-1").strip().lower()
     if host.startswith("["):
         return host.split("]", 1)[0] + "]"
     return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
-def _request_id(headers: list[tuple[bytes, bytes]]) -> str:
-    for key, value in headers:
-        if key == b"x-request-id" and _REQUEST_ID.match(value):
-            return value.decode("ascii")
-    return uuid.uuid4().hex
+_ID_PREFIX = uuid.uuid4().hex[:12]
+_ids = itertools.count(1)
 
 
-def _has_body(headers: list[tuple[bytes, bytes]]) -> bool:
-    for key, value in headers:
-        if key == b"transfer-encoding" or (key == b"content-length" and value.strip() not in (b"0", b"")):
-            return True
-    return False
+def next_request_id() -> str:
+    """Unique without a random draw per request: a random per-process prefix and a counter."""
+    return f"{_ID_PREFIX}{next(_ids):012x}"
 
 
 def _status_matches(when: str, status: int) -> bool:

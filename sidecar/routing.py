@@ -23,6 +23,11 @@ _HEX = frozenset(b"0123456789abcdefABCDEF")
 _FORBIDDEN_DECODED = frozenset(b"/\\\x00")
 
 
+# Paths that are already canonical: no escapes, no empty or dot-led segments, only safe characters. Most real
+# requests; they skip the byte-by-byte pass below.
+_CANONICAL = re.compile(rb"(?:/[A-Za-z0-9_~!$&'()*+,=:@-][A-Za-z0-9._~!$&'()*+,=:@-]*)*/?")
+
+
 def normalise_path(raw_path: bytes) -> str:
     """The canonical form of a request path, or `BadRequest`.
 
@@ -31,6 +36,8 @@ def normalise_path(raw_path: bytes) -> str:
     path climbing above the root, and `..;`-style segments that servlet containers read as dot-segments
     (the Tomcat path-parameter confusion behind many auth bypasses).
     """
+    if _CANONICAL.fullmatch(raw_path):
+        return raw_path.decode("ascii")
     if not raw_path.startswith(b"/"):
         raise BadRequest("the request target must be an absolute path")
     out = bytearray()

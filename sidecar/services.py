@@ -106,10 +106,14 @@ class Services:
         await self.webhooks.start()
         self._background.append(asyncio.ensure_future(self.watch_config()))
         self._background.append(asyncio.ensure_future(self._every(5.0, self.client_tokens.flush_last_used)))
+        self._background.append(asyncio.ensure_future(self._every(1.0, self._flush_metrics)))
         for auth in self.policy.authenticators.values():
             jwks = getattr(auth, "jwks", None)
             if jwks is not None:
                 await jwks.refresh()
+
+    async def _flush_metrics(self) -> None:
+        self.metrics.flush()
 
     async def _every(self, seconds: float, job: Any) -> None:
         while True:
@@ -124,6 +128,7 @@ class Services:
             await self.client_tokens.flush_last_used()
         await self.webhooks.aclose()
         await self.store.aclose()
+        self.metrics.flush()
         self.audit.flush()
         for transport in self.transports.values():
             await transport.aclose()

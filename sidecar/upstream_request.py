@@ -52,17 +52,58 @@ class StripPlan:
         )
 
 
+PASS, DROP, FORWARDED_FOR, FORWARDED_PROTO, FORWARDED_HOST = range(5)
+
+
 class IdentityHeaders:
-    """The identity header names for one prefix (`X-Auth-` by default)."""
+    """The identity header names for one prefix (`X-Auth-` by default), and what to do with each incoming header
+    name (classified once per distinct name, then looked up)."""
 
     def __init__(self, prefix: str) -> None:
         self.prefix = normalised_name(prefix.encode("latin-1"))
+        self._classes: dict[bytes, int] = {}
         p = prefix
         self.subject = f"{p}Subject".encode()
         self.client = f"{p}Client".encode()
         self.method = f"{p}Method".encode()
         self.scopes = f"{p}Scopes".encode()
         self.token = f"{p}Token".encode()
+        self._encoded: dict[int, tuple[Identity, Headers]] = {}
+
+    def classify(self, name: bytes) -> int:
+        kind = self._classes.get(name)
+        if kind is None:
+            norm = normalised_name(name)
+            if name in HOP_BY_HOP:
+                kind = DROP
+            elif norm == b"x-forwarded-for":
+                kind = FORWARDED_FOR
+            elif norm == b"x-forwarded-proto":
+                kind = FORWARDED_PROTO
+            elif norm == b"x-forwarded-host":
+                kind = FORWARDED_HOST
+            elif norm.startswith(self.prefix) or norm in SET_BY_SIDECAR:
+                kind = DROP
+            else:
+                kind = PASS
+            if len(self._classes) < 4096:  # names are few in practice; a flood of new ones is just not cached
+                self._classes[name] = kind
+        return kind
+
+    def encoded(self, identity: Identity) -> Headers:
+        """The identity headers, encoded once per cached identity object."""
+        entry = self._encoded.get(id(identity))
+        if entry is not None and entry[0] is identity:
+            return entry[1]
+        out: Headers = [(self.subject, _header_value(identity.subject))]
+        if identity.client:
+            out.append((self.client, _header_value(identity.client)))
+        out.append((self.method, _header_value(identity.method)))
+        out.append((self.scopes, _header_value(" ".join(sorted(identity.scopes)))))
+        if len(self._encoded) > 10_000:
+            self._encoded.clear()
+        self._encoded[id(identity)] = (identity, out)
+        return out
 
 
 def _header_value(value: str) -> bytes:
@@ -87,20 +128,22 @@ def build_headers(
     for key, value in request.headers:
         if key == b"connection":
             connection_named.update(t.strip().lower().encode("latin-1") for t in value.decode("latin-1").split(","))
+    strip = plan.headers
     out: Headers = []
     forwarded_for: list[bytes] = []
     forwarded_proto = forwarded_host = None
+    classify = names.classify
     for key, value in request.headers:
-        if key in HOP_BY_HOP or key in connection_named or key in plan.headers:
+        kind = classify(key)
+        if kind == DROP or key in strip or key in connection_named:
             continue
-        norm = normalised_name(key)
-        if norm.startswith(names.prefix) or norm in SET_BY_SIDECAR:
+        if kind != PASS:
             if trusted_peer:
-                if norm == b"x-forwarded-for":
+                if kind == FORWARDED_FOR:
                     forwarded_for.append(value)
-                elif norm == b"x-forwarded-proto":
+                elif kind == FORWARDED_PROTO:
                     forwarded_proto = value
-                elif norm == b"x-forwarded-host":
+                else:
                     forwarded_host = value
             continue
         if key == b"cookie" and plan.cookies:
@@ -118,11 +161,7 @@ def build_headers(
     out.append((b"x-forwarded-host", forwarded_host or request.host.encode("latin-1")))
     out.append((b"x-request-id", request.request_id.encode()))
     if identity is not None:
-        out.append((names.subject, _header_value(identity.subject)))
-        if identity.client:
-            out.append((names.client, _header_value(identity.client)))
-        out.append((names.method, _header_value(identity.method)))
-        out.append((names.scopes, _header_value(" ".join(sorted(identity.scopes)))))
+        out.extend(names.encoded(identity))
         if signed_token:
             out.append((names.token, signed_token.encode()))
     return out

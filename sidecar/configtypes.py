@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
-from pydantic import BaseModel, BeforeValidator, ConfigDict
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -108,6 +108,14 @@ def load_public_key(value: Any) -> PublicKey:
     if not isinstance(key, PublicKey):
         raise ValueError("unsupported key type; use RSA, EC (P-256/P-384/P-521) or Ed25519")
     return key
+
+
+def _check_public_key(value: str) -> str:
+    load_public_key(value)
+    return value
+
+
+PublicKeyPem = Annotated[str, AfterValidator(_check_public_key)]  # validated per item: errors name the item
 
 
 def load_private_key(value: Any) -> Any:

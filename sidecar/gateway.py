@@ -14,7 +14,15 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from sidecar.authz import authorize
-from sidecar.errors import BadRequest, MissingCredentials, NoRoute, PayloadTooLarge, Refusal, Unauthenticated
+from sidecar.errors import (
+    BadRequest,
+    HeadersTooLarge,
+    MissingCredentials,
+    NoRoute,
+    PayloadTooLarge,
+    Refusal,
+    Unauthenticated,
+)
 from sidecar.request import RequestView, client_address, is_trusted_peer
 from sidecar.upstream_request import build_headers, strip_body, strip_query, target
 
@@ -24,6 +32,8 @@ if TYPE_CHECKING:
     from sidecar.services import Services
 
 _REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
+MAX_HEADER_BYTES = 64 * 1024
+MAX_HEADERS = 128
 
 
 class ClientDisconnected(Exception):
@@ -47,6 +57,8 @@ class Gateway:
         responded = [False]
         upstream_seconds = None
         try:
+            if seen.too_large:
+                raise HeadersTooLarge(f"at most {MAX_HEADERS} header fields and {MAX_HEADER_BYTES} bytes are accepted")
             path = normalise(scope)
             log["path"] = path
             if seen.hosts > 1:
@@ -83,7 +95,7 @@ class Gateway:
             if refusal.status in (502, 504):
                 services.metrics.upstream_errors.labels(log["route"] or "-", refusal.reason).inc()
             if not responded[0]:
-                await self.refuse(refusal, plan, request, scope, send)
+                await self.refuse(refusal, plan, request, seen.request_id, send)
         except ClientDisconnected:
             log.update(decision="abandoned", reason="client_disconnected", status=499)
         total = time.perf_counter() - started
@@ -156,14 +168,13 @@ class Gateway:
         return response.status, upstream_seconds
 
     async def refuse(
-        self, refusal: Refusal, plan: RoutePlan | None, request: RequestView | None, scope: dict[str, Any], send: Any,
+        self, refusal: Refusal, plan: RoutePlan | None, request: RequestView | None, request_id: str, send: Any,
     ) -> None:
         if isinstance(refusal, MissingCredentials) and plan is not None:
             refusal.bearer_challenge = plan.bearer
         body = refusal.body()
         headers = refusal.headers(body)
-        if request is not None and request.request_id:
-            headers.append((b"x-request-id", request.request_id.encode()))
+        headers.append((b"x-request-id", request_id.encode()))
         login_url = plan.config.login_url if plan is not None else None
         if login_url and refusal.status == 401 and request is not None and _wants_html(request):
             # return_to is built from the request itself, so it can only point back at this host.
@@ -191,7 +202,7 @@ def normalise(scope: dict[str, Any]) -> str:
 class SeenHeaders:
     """What the gateway needs from the request headers, found in one pass."""
 
-    __slots__ = ("content_length", "forwarded_for", "has_body", "host", "hosts", "request_id")
+    __slots__ = ("content_length", "forwarded_for", "has_body", "host", "hosts", "request_id", "too_large")
 
     def __init__(self) -> None:
         self.host = ""
@@ -200,11 +211,14 @@ class SeenHeaders:
         self.request_id = ""
         self.content_length: str | None = None
         self.has_body = False
+        self.too_large = False
 
 
 def scan_headers(headers: list[tuple[bytes, bytes]]) -> SeenHeaders:
     seen = SeenHeaders()
+    size = 0
     for key, value in headers:
+        size += len(key) + len(value) + 4
         if key == b"host":
             seen.hosts += 1
             seen.host = _host_name(value)
@@ -221,6 +235,7 @@ def scan_headers(headers: list[tuple[bytes, bytes]]) -> SeenHeaders:
             seen.has_body = True
     if not seen.request_id:
         seen.request_id = next_request_id()
+    seen.too_large = size > MAX_HEADER_BYTES or len(headers) > MAX_HEADERS
     return seen
 
 

@@ -25,7 +25,7 @@ _FORBIDDEN_DECODED = frozenset(b"/\\\x00")
 
 # Paths that are already canonical: no escapes, no empty or dot-led segments, only safe characters. Most real
 # requests; they skip the byte-by-byte pass below.
-_CANONICAL = re.compile(rb"(?:/[A-Za-z0-9_~!$&'()*+,=:@-][A-Za-z0-9._~!$&'()*+,=:@-]*)*/?")
+_CANONICAL = re.compile(rb"/|(?:/[A-Za-z0-9_~!$&'()*+,=:@-][A-Za-z0-9._~!$&'()*+,=:@-]*)+/?")
 
 
 def normalise_path(raw_path: bytes) -> str:
@@ -89,6 +89,15 @@ def _remove_dot_segments(path: str) -> str:
     if trailing and stack:
         result += "/"
     return result
+
+
+def matching_path(path: str) -> str:
+    """The path routes are matched against: `;params` removed from every segment. Servlet containers drop them
+    before routing (`/admin;x=1/secret` is `/admin/secret` to Tomcat), so the sidecar must match as they will;
+    the upstream still receives the path as sent (normalised)."""
+    if ";" not in path:
+        return path
+    return "/".join(segment.split(";", 1)[0] for segment in path.split("/"))
 
 
 def glob_to_regex(pattern: str) -> str:
@@ -179,6 +188,7 @@ class RouteTable:
         except KeyError:
             pass
         found = None
+        path = matching_path(path)
         for route in self.candidates(path):
             if route.matches(method, host, path):
                 found = route

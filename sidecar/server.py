@@ -36,8 +36,10 @@ class _Server(uvicorn.Server):
 
 
 def _uvicorn_config(app: Any, *, graceful: float) -> uvicorn.Config:
+    from sidecar.http_server import CoalescingHttpToolsProtocol
+
     return uvicorn.Config(
-        app, lifespan="off", http="httptools", loop="none", access_log=False, proxy_headers=False,
+        app, lifespan="off", http=CoalescingHttpToolsProtocol, loop="none", access_log=False, proxy_headers=False,
         server_header=False, log_level="warning", timeout_graceful_shutdown=graceful,
         timeout_keep_alive=75, h11_max_incomplete_event_size=64 * 1024,
     )

@@ -74,13 +74,15 @@ class IdentityHeaders:
         kind = self._classes.get(name)
         if kind is None:
             norm = normalised_name(name)
+            # Only the exact names feed the forwarded chain (they are what `client_address` believes); lookalikes
+            # such as X_Forwarded_For are dropped, or a backend reading them would see another client.
             if name in HOP_BY_HOP:
                 kind = DROP
-            elif norm == b"x-forwarded-for":
+            elif name == b"x-forwarded-for":
                 kind = FORWARDED_FOR
-            elif norm == b"x-forwarded-proto":
+            elif name == b"x-forwarded-proto":
                 kind = FORWARDED_PROTO
-            elif norm == b"x-forwarded-host":
+            elif name == b"x-forwarded-host":
                 kind = FORWARDED_HOST
             elif norm.startswith(self.prefix) or norm in SET_BY_SIDECAR:
                 kind = DROP
@@ -132,8 +134,11 @@ def build_headers(
     out: Headers = []
     forwarded_for: list[bytes] = []
     forwarded_proto = forwarded_host = None
+    host = b""
     classify = names.classify
     for key, value in request.headers:
+        if key == b"host":
+            host = value
         kind = classify(key)
         if kind == DROP or key in strip or key in connection_named:
             continue
@@ -158,7 +163,7 @@ def build_headers(
     peer = request.peer_ip.encode()
     out.append((b"x-forwarded-for", b", ".join([*forwarded_for, peer]) if forwarded_for else peer))
     out.append((b"x-forwarded-proto", forwarded_proto or request.scheme.encode()))
-    out.append((b"x-forwarded-host", forwarded_host or request.host.encode("latin-1")))
+    out.append((b"x-forwarded-host", forwarded_host or host))
     out.append((b"x-request-id", request.request_id.encode()))
     if identity is not None:
         out.extend(names.encoded(identity))

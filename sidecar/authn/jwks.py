@@ -16,6 +16,8 @@ from sidecar.errors import DependencyUnavailable
 
 log = logging.getLogger("sidecar.jwks")
 
+EMPTY_RETRY = 2.0  # seconds between fetches while no key could be fetched at all
+
 
 class JwksKeys:
     def __init__(
@@ -39,7 +41,10 @@ class JwksKeys:
         """The keys that may have signed a token with this `kid` (all keys when the token names none)."""
         now = time.monotonic()
         if not self._keys or (kid is not None and kid not in self._keys) or now - self._fetched_at > self._max_age:
-            if now - self._attempted_at >= self._min_interval or not self._keys:
+            # With no keys at all the IdP is retried sooner, but still rate-limited: a failing JWKS endpoint must
+            # not be fetched once per request.
+            interval = self._min_interval if self._keys else min(self._min_interval, EMPTY_RETRY)
+            if now - self._attempted_at >= interval:
                 await self.refresh()
         if not self._keys:
             raise DependencyUnavailable("the identity provider's keys could not be fetched")
@@ -54,7 +59,8 @@ class JwksKeys:
         self._inflight = asyncio.get_running_loop().create_future()
         try:
             now = time.monotonic()
-            if now - self._attempted_at < self._min_interval and self._keys:
+            interval = self._min_interval if self._keys else min(self._min_interval, EMPTY_RETRY)
+            if now - self._attempted_at < interval:
                 return
             self._attempted_at = now
             await self._fetch()

@@ -13,7 +13,15 @@ from pydantic import Field, field_validator, model_validator
 
 from sidecar.authn.base import Identity, fingerprint, read_first
 from sidecar.authn.jwks import JwksKeys
-from sidecar.configtypes import CredentialSource, Duration, Model, Source, load_public_key, parse_source
+from sidecar.configtypes import (
+    CredentialSource,
+    Duration,
+    Model,
+    PublicKeyPem,
+    Source,
+    load_public_key,
+    parse_source,
+)
 from sidecar.errors import DependencyUnavailable, Unauthenticated
 from sidecar.request import RequestView
 
@@ -37,7 +45,7 @@ class JwtConfig(Model):
     type: Literal["jwt"]
     from_: list[CredentialSource] = Field(default_factory=default_bearer_sources, alias="from", min_length=1)
     jwks_url: str | None = None
-    keys: list[str] | None = None
+    keys: list[PublicKeyPem] | None = None
     secret: str | None = None
     algorithms: list[str] | None = None
     issuer: str | list[str] | None = None
@@ -52,13 +60,6 @@ class JwtConfig(Model):
     @classmethod
     def _keys_list(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
-
-    @field_validator("keys")
-    @classmethod
-    def _parse_keys(cls, value: list[str] | None) -> list[str] | None:
-        for pem in value or []:
-            load_public_key(pem)
-        return value
 
     @field_validator("algorithms")
     @classmethod
@@ -194,9 +195,16 @@ class JwtAuthenticator:
         if not isinstance(exp, int | float) or exp != exp or exp > 1e11:
             raise Unauthenticated("the token's expiry is invalid", detail="exp")
         scopes = claims.get("scope", claims.get("scp", ""))
-        scope_set = frozenset(scopes.split() if isinstance(scopes, str) else (str(s) for s in scopes or ()))
+        if isinstance(scopes, str):
+            scope_set = frozenset(scopes.split())
+        elif isinstance(scopes, list) and all(isinstance(s, str) for s in scopes):
+            scope_set = frozenset(scopes)
+        else:
+            raise Unauthenticated("the token's scope claim is malformed", detail="scope")
         client = claims.get("client_id") or claims.get("azp")
         subject = claims.get("sub") or client or ""
+        if not isinstance(subject, str | int) or not isinstance(client, str | int | None):
+            raise Unauthenticated("the token's sub or client_id claim is malformed", detail="sub")
         return Identity(
             subject=str(subject), method=self.name, client=str(client) if client else None,
             scopes=scope_set, claims=claims, expires_at=float(exp),

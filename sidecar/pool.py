@@ -30,9 +30,27 @@ class _StaleConnection(Exception):
 
 class Connection(asyncio.Protocol):
     __slots__ = (
-        "_body_bytes", "_body_waiter", "_chunks", "_drain_waiter", "_error", "_header_bytes", "_headers_waiter",
-        "_paused", "_paused_reading", "_timer", "complete", "got_data", "headers", "keep_alive", "loop", "parser",
-        "pool", "status", "transport",
+        "_body_bytes",
+        "_body_waiter",
+        "_chunks",
+        "_drain_waiter",
+        "_error",
+        "_framed",
+        "_header_bytes",
+        "_headers_waiter",
+        "_paused",
+        "_paused_reading",
+        "_timer",
+        "complete",
+        "got_data",
+        "headers",
+        "keep_alive",
+        "loop",
+        "parser",
+        "pool",
+        "status",
+        "transport",
+        "until_close",
     )
 
     def __init__(self, pool: PoolTransport) -> None:
@@ -52,6 +70,8 @@ class Connection(asyncio.Protocol):
         self._header_bytes = 0
         self.complete = False
         self.keep_alive = False
+        self.until_close = False
+        self._framed = False
         self.got_data = False
         self._error: Exception | None = None
         self._headers_waiter: asyncio.Future[None] = self.loop.create_future()
@@ -75,6 +95,9 @@ class Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.pool.forget(self)
         self.transport = None
+        if not self.complete and self.until_close:
+            self.complete = True  # a reply delimited by the connection closing (RFC 9112 §6.3, last rule)
+            self._wake()
         if not self.complete:
             error: Exception = (
                 _StaleConnection() if not self.got_data else UpstreamUnavailable("the upstream closed the connection")
@@ -97,6 +120,9 @@ class Connection(asyncio.Protocol):
         if self._header_bytes > MAX_HEADER_BYTES or len(self.headers) >= MAX_HEADERS:
             raise httptools.HttpParserError("oversized headers")
         name = name.lower()
+        if name == b"transfer-encoding":
+            self.until_close = False  # framed by chunks, not by the connection closing
+            self._framed = True
         if name not in RESPONSE_HOP_BY_HOP:
             self.headers.append((name, value))
 
@@ -104,11 +130,14 @@ class Connection(asyncio.Protocol):
         status = self.parser.get_status_code()
         if 100 <= status < 200:  # interim reply (e.g. 100 Continue): the real one follows
             self.headers = []
+            self._framed = False
             self._header_bytes = 0
             return
         self.status = status
         # llhttp answers should_keep_alive() reliably only here, not after the message completes.
         self.keep_alive = self.parser.should_keep_alive()
+        framed = self._framed or any(name == b"content-length" for name, _ in self.headers)
+        self.until_close = not framed and status not in (204, 304)
         self._cancel_timer()
         if not self._headers_waiter.done():
             self._headers_waiter.set_result(None)

@@ -14,6 +14,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from sidecar.errors import NotFound, Refusal
+from sidecar.identifiers import Identifiers, parse_mappings
 
 if TYPE_CHECKING:
     from sidecar.services import Services
@@ -87,6 +88,24 @@ class AdminApi:
         await self.services.events.emit("client.token.revoked", {"client": client_id, "token_id": token_id})
         return Response(status_code=204)
 
+    async def register_public_key(self, request: Request) -> Response:
+        client_id, _ = self.client_or_404(request)
+        body = await json_body(request, limit=64 * 1024)
+        pem = body.get("publicKey") if isinstance(body, dict) else None
+        if not isinstance(pem, str) or not pem.strip():
+            return error(400, "invalid_request", 'send {"publicKey": "<PEM public key, or base64 of the PEM>"}')
+        try:
+            registered = await self.services.client_keys.register(client_id, pem)
+        except ValueError as exc:  # the message says what is wrong with the key, never repeats it
+            return error(400, "invalid_request", f"publicKey: {exc}")
+        await self.services.events.emit("client.public_key.updated", registered)
+        return JSONResponse(registered)
+
+    async def map_identifiers(self, request: Request) -> Response:
+        mappings = parse_mappings(await json_body(request), self.services.policy.clients)
+        await Identifiers(self.services.store).add(mappings)
+        return JSONResponse({"created": len(mappings)}, status_code=201)
+
     async def reload(self, request: Request) -> Response:
         ok, errors = await self.services.reload_from_file("admin api")
         if not ok:
@@ -102,6 +121,9 @@ class AdminApi:
             Route("/admin/clients/{client_id}/tokens", g("token.mint", self.mint_token), methods=["POST"]),
             Route("/admin/clients/{client_id}/tokens/{token_id}", g("token.revoke", self.revoke_token),
                   methods=["DELETE"]),
+            Route("/admin/clients/{client_id}/public-key", g("public_key.register", self.register_public_key),
+                  methods=["PUT", "PATCH"]),
+            Route("/admin/identifiers", g("identifiers.map", self.map_identifiers), methods=["POST"]),
         ]
 
 

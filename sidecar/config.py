@@ -6,6 +6,7 @@ request path. `warnings` are for `sidecar check`: legal but probably not what wa
 
 from __future__ import annotations
 
+import base64
 import difflib
 import os
 import re
@@ -13,10 +14,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from sidecar.authn import REGISTRY
-from sidecar.configtypes import Duration, Model, Network, load_private_key, load_public_key
+from sidecar.client_keys import load_client_public_key
+from sidecar.configtypes import Duration, Model, Network, load_private_key
+from sidecar.netguard import url_refusal
+from sidecar.validators import RemoteCheck
 from sidecar.yamlsource import ConfigError, Loc, YamlDocument
 
 DEFAULT_CONFIG = "sidecar.yaml"
@@ -96,7 +100,7 @@ class ClientConfig(Model):
     @classmethod
     def _public_key(cls, value: str | None) -> str | None:
         if value:
-            load_public_key(value)
+            load_client_public_key(value)  # the keys client_jwt can use: RSA >= 2048, EC P-256
         return value or None
 
 
@@ -171,12 +175,45 @@ class RetryConfig(Model):
 
 class WebhookConfig(Model):
     id: str
+    allow_private: bool = False  # declared before url: the url check reads it
     url: str
     events: list[str] = Field(min_length=1)
-    secret: str | list[str]
+    secret: str | list[str] = Field(repr=False)  # never printed, logged or shown
     retry: RetryConfig | None = None
-    allow_private: bool = False
     timeout: Duration = 10.0
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str, info: ValidationInfo) -> str:
+        # Only what needs no DNS (literal addresses, localhost); names are checked at delivery (netguard).
+        problem = url_refusal(value, bool(info.data.get("allow_private")))
+        if problem:
+            raise ValueError(problem)
+        return value
+
+    @field_validator("secret")
+    @classmethod
+    def _whsec(cls, value: str | list[str]) -> str | list[str]:
+        secrets = [value] if isinstance(value, str) else value
+        if not secrets:
+            raise ValueError("give at least one secret (several while rotating)")
+        for secret in secrets:
+            if not _is_whsec(secret):
+                raise ValueError("a webhook secret is whsec_ followed by the base64 of 24 to 64 random bytes; "
+                                 "generate one with: python -c \"import base64,os; "
+                                 "print('whsec_'+base64.b64encode(os.urandom(32)).decode())\"")
+        return value
+
+
+def _is_whsec(secret: str) -> bool:
+    """Standard Webhooks secrets: `whsec_` + base64 of 24 to 64 bytes."""
+    if not isinstance(secret, str) or not secret.startswith("whsec_"):
+        return False
+    try:
+        key = base64.b64decode(secret[len("whsec_"):], validate=True)
+    except ValueError:
+        return False
+    return 24 <= len(key) <= 64
 
 
 class IssuerConfig(Model):
@@ -185,7 +222,33 @@ class IssuerConfig(Model):
     access_token_ttl: Duration = 120.0
     audience: str | None = None
     prefix: str = "/_sidecar"
-    credentials: dict[str, Any] | None = None  # a `remote` block for the password grant (json_status)
+    credentials: RemoteCheck | None = None  # the webservice that checks the password grant (json_status)
+
+    @field_validator("access_token_ttl")
+    @classmethod
+    def _ttl(cls, value: float) -> float:
+        if not 1 <= value <= 86400:
+            raise ValueError("access_token_ttl must be between 1s and 24h; short-lived tokens need no revocation")
+        return value
+
+    @field_validator("credentials", mode="before")
+    @classmethod
+    def _credentials_defaults(cls, value: Any) -> Any:
+        # Username and password go in a POSTed form unless told otherwise, and the answer is json_status (seed 001).
+        if isinstance(value, dict):
+            return {"method": "POST", "send": "form", "response": "json_status", **value}
+        return value
+
+    @field_validator("credentials")
+    @classmethod
+    def _credentials(cls, value: RemoteCheck | None) -> RemoteCheck | None:
+        if value is not None:
+            if value.send == "query" or "{value}" in value.url:
+                raise ValueError("credentials would put the password in the URL, which servers and proxies log; "
+                                 "use send: form, json or header, and no {value} in url")
+            if value.response == "introspection":
+                raise ValueError("credentials checks a username and password: use response json_status or boolean")
+        return value
 
     @field_validator("signing_key")
     @classmethod

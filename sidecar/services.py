@@ -14,6 +14,7 @@ import httpx
 
 from sidecar.audit import AuditLog
 from sidecar.cache import VerdictCache
+from sidecar.client_keys import PUBLIC_KEY_UPDATED, ClientKeys
 from sidecar.client_tokens import ClientTokens
 from sidecar.events import Events
 from sidecar.forward import Transport, make_transport
@@ -48,6 +49,7 @@ class Services:
         )
         self.store = make_store(config.redis)
         self.client_tokens = ClientTokens(self.store, config.clients)
+        self.client_keys = ClientKeys(self.store)
         self.events = Events()
         self.webhooks = Webhooks(self)
         self.events.add_sink(self.webhooks.enqueue)
@@ -63,6 +65,12 @@ class Services:
         if message.get("type") == "token_revoked":
             hex_hash = message.get("token_hash")
             self.cache.local.evict_where(lambda v: getattr(v, "claims", {}).get("token_hash") == hex_hash)
+        elif message.get("type") == PUBLIC_KEY_UPDATED:
+            # The next request verifies with the new key: drop the old parsed key, the client's cached
+            # identities, and cached refusals (one may be "no key registered" for this very client).
+            client = str(message.get("client"))
+            self.client_keys.forget(client)
+            self.cache.local.evict_where(lambda v: getattr(v, "client", client) == client)
 
     def _forget_revocable_verdicts(self) -> None:
         """Revocations may have been missed while the channel was down: drop every verdict they could affect."""

@@ -136,9 +136,14 @@ def test_two_workers_serve_and_share_one_metrics_scrape(tmp_path: Path):
                     assert response.json()["path"] == f"/n/{i}"
             pids = {r.header("x-forwarded-for") for r in up.received}
             assert pids == {"127.0.0.1"}
-            text = httpx.get(sc.admin_url + "/metrics").text
-            total = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                        if line.startswith('sidecar_requests_total{') and 'route="all"' in line)
+            # Each worker folds its counts in at least every second: one scrape sees all 40 soon after.
+            deadline = time.monotonic() + 3
+            total = 0.0
+            while time.monotonic() < deadline and total < 40:
+                text = httpx.get(sc.admin_url + "/metrics").text
+                total = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                            if line.startswith('sidecar_requests_total{') and 'route="all"' in line)
+                time.sleep(0.2)
             assert total == 40
 
 

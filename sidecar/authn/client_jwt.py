@@ -1,0 +1,184 @@
+"""`client_jwt`: a JWT the client signed with its own private key (seed 004), verified only with the public
+key registered for *that* client (`clients[].public_key`, or the admin API). The client id comes from
+`id_from` (`body.id`, `form.id`, `header:X-Client-Id`, `claim:iss`), the token from `token_from`.
+
+Only RS256, PS256 and ES256: an HS256 token "signed" with the public key's bytes is refused before any key is
+touched (the algorithm-confusion attack, CVE-2015-9235 / RFC 8725 §2.1). `max_age` bounds `iat` when the token
+has no `exp` (the seed's tokens carry only `iat`); `replay: deny` refuses a `jti` seen before (RFC 7519
+§4.1.7), marked in the store for the token's remaining lifetime."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from typing import Any, Literal
+
+import jwt
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from pydantic import Field, field_validator
+
+from sidecar.authn.base import Identity, fingerprint, read_first
+from sidecar.configtypes import CredentialSource, Duration, Model, Source, parse_source
+from sidecar.errors import Unauthenticated
+from sidecar.request import RequestView
+from sidecar.store import PREFIX
+
+ALGORITHMS = ("RS256", "PS256", "ES256")
+_KEY_TYPE = {"RS256": rsa.RSAPublicKey, "PS256": rsa.RSAPublicKey, "ES256": ec.EllipticCurvePublicKey}
+# The client id and the token travel together as one credential, so a verdict is cached for the pair: the
+# same token presented under another client id is verified afresh. NUL cannot appear in a JWT.
+_JOIN = "\x00"
+
+
+def parse_id_source(value: Any) -> Source:
+    text = str(value).strip()
+    if text.startswith("claim:"):
+        if not text[6:]:
+            raise ValueError("claim: needs a claim name, e.g. claim:iss")
+        return Source(kind="claim", name=text[6:])
+    return parse_source(value)
+
+
+class ClientJwtConfig(Model):
+    type: Literal["client_jwt"]
+    id_from: Source = Field(default_factory=lambda: parse_source("body.id"))
+    token_from: CredentialSource = Field(default_factory=lambda: parse_source("body.token"))
+    algorithms: list[Literal["RS256", "PS256", "ES256"]] = Field(default_factory=lambda: list(ALGORITHMS),
+                                                                   min_length=1)
+    max_age: Duration = 300.0
+    leeway: Duration = 30.0
+    replay: Literal["allow", "deny"] = "allow"
+    subject_claim: str = "email"
+    audience: str | None = None
+    max_token_size: int = Field(default=16384, ge=256)
+    cache_ttl: Duration | None = None
+
+    @field_validator("id_from", mode="before")
+    @classmethod
+    def _id_source(cls, value: Any) -> Source:
+        return parse_id_source(value)
+
+
+class ClientJwtAuthenticator:
+    bearer = False
+
+    def __init__(self, name: str, config: ClientJwtConfig, services: Any) -> None:
+        self.name = name
+        self.config = config
+        self.fingerprint = fingerprint(name, config)
+        # Only the token is a credential to strip: the client id is not secret, and the backend may want it.
+        self.sources: tuple[Source, ...] = (config.token_from,)
+        self._id_claim = config.id_from.name if config.id_from.kind == "claim" else None
+        self.needs_body = any(s.kind in ("form", "body") for s in (config.token_from, config.id_from))
+        # A replay check must see every use, so its verdicts are never cached.
+        self.cacheable = config.replay != "deny"
+        self.cache_ttl = config.cache_ttl
+        self.bearer = config.token_from == parse_source("header:Authorization")
+        self._algorithms = frozenset(config.algorithms)
+        self._services = services
+        self._options: dict[str, Any] = {"require": [], "verify_aud": config.audience is not None}
+        if config.audience is not None:
+            self._options["require"] = ["aud"]
+
+    def credential(self, request: RequestView) -> str | None:
+        token = read_first(request, self.sources)
+        if token is None:
+            return None
+        if self._id_claim is not None:
+            return token
+        client_id = read_first(request, (self.config.id_from,), bearer_authorization=False)
+        return (client_id or "") + _JOIN + token
+
+    async def verify(self, credential: str, request: RequestView) -> Identity:
+        client_id, _, token = credential.rpartition(_JOIN)
+        if not token:
+            raise Unauthenticated("the token is empty", detail="empty")
+        if len(token) > self.config.max_token_size:
+            raise Unauthenticated("the token is too large", detail="oversized")
+        alg = self._algorithm(token)
+        if self._id_claim is not None:
+            client_id = self._unverified_claim(token, self._id_claim)
+        if not client_id:
+            raise Unauthenticated("the client id is missing", detail="missing id")
+        client = self._services.policy.clients.get(client_id)
+        key = await self._services.client_keys.key_for(client) if client is not None else None
+        if client is None or key is None:
+            detail = "unknown client" if client is None else "client has no public key"
+            raise Unauthenticated("unknown client, or no public key is registered for it", detail=detail)
+        if not isinstance(key, _KEY_TYPE[alg]):
+            raise Unauthenticated("the token's algorithm does not fit the client's key", detail=f"alg {alg} vs key")
+        claims = self._decode(token, key, alg)
+        if self._id_claim is not None and str(claims.get(self._id_claim)) != client_id:
+            raise Unauthenticated("the token's client claim changed", detail="claim mismatch")
+        expires_at = self._fresh_until(claims)
+        if self.config.replay == "deny":
+            await self._first_use(client_id, claims, expires_at)
+        subject = claims.get(self.config.subject_claim) or claims.get("sub") or client_id
+        return Identity(
+            subject=str(subject), method=self.name, client=client_id, scopes=frozenset(client.scopes), claims=claims,
+            expires_at=expires_at,
+        )
+
+    def _algorithm(self, token: str) -> str:
+        try:
+            header = jwt.get_unverified_header(token)
+        except Exception:
+            raise Unauthenticated("the token is not a well-formed JWT", detail="malformed") from None
+        alg = header.get("alg")
+        if not isinstance(alg, str) or alg not in self._algorithms:
+            raise Unauthenticated("the token's signing algorithm is not accepted", detail=f"alg {str(alg)[:16]!r}")
+        return alg
+
+    @staticmethod
+    def _unverified_claim(token: str, name: str) -> str:
+        """Read only to pick the key; the same claim is checked again once the signature verified."""
+        try:
+            value = jwt.decode(token, options={"verify_signature": False}).get(name)
+        except Exception:
+            raise Unauthenticated("the token is not a well-formed JWT", detail="malformed") from None
+        return value if isinstance(value, str) else ""
+
+    def _decode(self, token: str, key: Any, alg: str) -> dict[str, Any]:
+        try:
+            return jwt.decode(token, key, algorithms=[alg], audience=self.config.audience,
+                              leeway=self.config.leeway, options=self._options)  # type: ignore[arg-type]
+        except jwt.ExpiredSignatureError:
+            raise Unauthenticated("the token has expired", detail="expired") from None
+        except jwt.ImmatureSignatureError:
+            raise Unauthenticated("the token is not valid yet", detail="immature") from None
+        except jwt.InvalidAudienceError:
+            raise Unauthenticated("the token is not meant for this audience", detail="audience") from None
+        except jwt.MissingRequiredClaimError as exc:
+            raise Unauthenticated(f"the token lacks the {exc.claim} claim", detail="missing claim") from None
+        except Exception as exc:  # every verifier failure is a 401, never a 500
+            raise Unauthenticated("the token's signature or form is invalid", detail=type(exc).__name__) from None
+
+    def _fresh_until(self, claims: dict[str, Any]) -> float:
+        """Until when the token may be used: its `exp`, else `iat` + `max_age` (both with `leeway`)."""
+        leeway, now = self.config.leeway, time.time()
+        exp, iat = claims.get("exp"), claims.get("iat")
+        if exp is not None:
+            if not _number(exp) or exp > 1e11:
+                raise Unauthenticated("the token's expiry is invalid", detail="exp")
+            return float(exp) + leeway
+        if not _number(iat):
+            raise Unauthenticated("the token has neither exp nor iat; sign it with iat", detail="no iat")
+        if iat > now + leeway:
+            raise Unauthenticated("the token was issued in the future", detail="iat")
+        if iat < now - self.config.max_age - leeway:
+            raise Unauthenticated("the token is too old; sign a new one for each request", detail="max_age")
+        return float(iat) + self.config.max_age + leeway
+
+    async def _first_use(self, client_id: str, claims: dict[str, Any], fresh_until: float) -> None:
+        jti = claims.get("jti")
+        if not isinstance(jti, str) or not jti or len(jti) > 256:
+            raise Unauthenticated("this route refuses replays: the token needs a jti claim", detail="no jti")
+        mark = hashlib.sha256(f"{client_id}\x00{jti}".encode()).hexdigest()
+        ttl = max(1.0, fresh_until - time.time())
+        if not await self._services.store.set(f"{PREFIX}jti:{mark}", "1", ttl, only_new=True):
+            raise Unauthenticated("the token was already used", detail="replayed jti")
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)

@@ -1,0 +1,109 @@
+"""`cookie`: a named cookie set by the customer's portal on the same domain (seed 001, "Cookie Session"),
+checked in one of three ways:
+
+- `revalidate:` — a `remote` block: the portal's service says whether the cookie's value is still good
+  (verdicts cached by the gateway, as for `remote`);
+- `signed:` — the portal signs the value with a shared secret, the expiry inside (format in
+  `sidecar.signed_values`: `v1.<base64url JSON>.<base64url HMAC-SHA256>`);
+- `existence_only: true` — any non-empty value is accepted. Anyone can set a cookie, so this proves nothing;
+  it must be asked for explicitly and `sidecar check` warns about it.
+
+Only the named cookie is removed before forwarding; the request's other cookies pass untouched."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import model_validator
+
+from sidecar.authn.base import Identity, fingerprint, read_first
+from sidecar.authn.remote import identity_from, pseudonymous_subject
+from sidecar.configtypes import Duration, Model, Source, parse_source
+from sidecar.errors import Unauthenticated
+from sidecar.request import RequestView
+from sidecar.signed_values import InvalidValue, verify
+from sidecar.validators import RemoteCheck, check
+
+MAX_COOKIE_LENGTH = 4096
+
+
+class SignedCookie(Model):
+    secret: str | list[str]
+    subject_claim: str = "sub"
+    leeway: Duration = 0.0
+
+    def secrets(self) -> list[bytes]:
+        return [s.encode() for s in ([self.secret] if isinstance(self.secret, str) else self.secret)]
+
+
+class CookieConfig(Model):
+    type: Literal["cookie"]
+    name: str
+    revalidate: RemoteCheck | None = None
+    signed: SignedCookie | None = None
+    existence_only: bool = False
+
+    @model_validator(mode="after")
+    def _one_check(self) -> CookieConfig:
+        if sum((self.revalidate is not None, self.signed is not None, self.existence_only)) != 1:
+            raise ValueError("give exactly one of revalidate: {url: ...}, signed: {secret: ...} or "
+                             "existence_only: true")
+        if not self.name or any(c in self.name for c in " ;,=\t\r\n"):
+            raise ValueError(f"{self.name!r} is not a cookie name")
+        return self
+
+    def warnings(self) -> list[str]:
+        if self.existence_only:
+            return [f"cookie {self.name!r} is accepted on existence only: anyone can set a cookie, so this "
+                    "authenticates nobody; prefer revalidate: or signed:"]
+        if self.signed is not None and any(len(s) < 32 for s in self.signed.secrets()):
+            return ["the signed cookie secret is shorter than 32 bytes: it can be brute-forced"]
+        return self.revalidate.warnings() if self.revalidate is not None else []
+
+
+class CookieAuthenticator:
+    bearer = False
+    needs_body = False
+
+    def __init__(self, name: str, config: CookieConfig, services: Any) -> None:
+        self.name = name
+        self.config = config
+        self.fingerprint = fingerprint(name, config)
+        self.sources: tuple[Source, ...] = (parse_source(f"cookie:{config.name}"),)
+        # Only a webservice's verdict is worth caching; HMAC and existence checks cost less than a lookup.
+        self.cacheable = config.revalidate is not None
+        if config.revalidate is not None:
+            self.cache_ttl = config.revalidate.cache_ttl
+            self.negative_ttl = config.revalidate.negative_ttl
+        self._keys = config.signed.secrets() if config.signed is not None else []
+        self._services = services
+
+    def credential(self, request: RequestView) -> str | None:
+        return read_first(request, self.sources)
+
+    async def verify(self, credential: str, request: RequestView) -> Identity:
+        if not credential:
+            raise Unauthenticated("the session cookie is empty", detail="empty")
+        if len(credential) > MAX_COOKIE_LENGTH:
+            raise Unauthenticated("the session cookie is too large", detail="oversized")
+        if self.config.revalidate is not None:
+            result = await check(self._services.http, self.config.revalidate, credential)
+            if not result.accepted:
+                raise Unauthenticated("the session is no longer valid", detail=result.message)
+            return identity_from(result, self.name, credential)
+        if self.config.signed is not None:
+            return self._signed(credential)
+        return Identity(subject=pseudonymous_subject(credential), method=self.name)
+
+    def _signed(self, credential: str) -> Identity:
+        signed = self.config.signed
+        assert signed is not None
+        try:
+            claims = verify(self._keys, credential, leeway=signed.leeway)
+        except InvalidValue as exc:
+            what = "has expired" if str(exc) == "expired" else "is not validly signed"
+            raise Unauthenticated(f"the session cookie {what}", detail=str(exc)) from None
+        subject = claims.get(signed.subject_claim)
+        if not isinstance(subject, str | int) or isinstance(subject, bool) or not str(subject):
+            raise Unauthenticated("the session cookie names no user", detail=f"no {signed.subject_claim}")
+        return Identity(subject=str(subject), method=self.name, claims=claims, expires_at=float(claims["exp"]))

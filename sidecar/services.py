@@ -20,7 +20,7 @@ from sidecar.events import Events
 from sidecar.forward import Transport, make_transport
 from sidecar.metrics import Metrics
 from sidecar.policy import Policy
-from sidecar.signing import SigningKeys
+from sidecar.signing import IDENTITY_TOKEN_TYPE, SigningKeys
 from sidecar.store import make_store
 from sidecar.webhooks import Webhooks
 
@@ -103,7 +103,7 @@ class Services:
             return cached[0]
         claims = {"sub": identity.subject, "client_id": identity.client, "scope": " ".join(sorted(identity.scopes)),
                   "auth_method": identity.method}
-        token = self.signing.sign(claims, IDENTITY_TOKEN_LIFETIME)
+        token = self.signing.sign(claims, IDENTITY_TOKEN_LIFETIME, typ=IDENTITY_TOKEN_TYPE)
         if len(self._identity_tokens) > 10_000:
             self._identity_tokens.clear()
         self._identity_tokens[key] = (token, now + IDENTITY_TOKEN_LIFETIME / 3)

@@ -15,6 +15,11 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from sidecar.configtypes import load_private_key
 
+# The `typ` header tells the sidecar's two kinds of JWT apart (RFC 8725 §3.11): access tokens (RFC 9068) may be
+# presented as credentials; identity tokens (X-Auth-Token) are for the backend only and are never accepted.
+ACCESS_TOKEN_TYPE = "at+jwt"
+IDENTITY_TOKEN_TYPE = "sidecar-identity+jwt"
+
 
 def algorithm_for(key: Any) -> str:
     if isinstance(key, rsa.RSAPrivateKey | rsa.RSAPublicKey):
@@ -51,8 +56,8 @@ class SigningKeys:
     def jwks(self) -> dict[str, Any]:
         return {"keys": list(self._jwks)}
 
-    def sign(self, claims: dict[str, Any], lifetime: float) -> str:
+    def sign(self, claims: dict[str, Any], lifetime: float, typ: str = ACCESS_TOKEN_TYPE) -> str:
         now = int(time.time())
         payload = {"iss": self.issuer, "iat": now, "exp": now + int(lifetime), "jti": uuid.uuid4().hex, **claims}
         jwk = self._jwks[0]
-        return jwt.encode(payload, self._private[0], algorithm=jwk["alg"], headers={"kid": jwk["kid"]})
+        return jwt.encode(payload, self._private[0], algorithm=jwk["alg"], headers={"kid": jwk["kid"], "typ": typ})

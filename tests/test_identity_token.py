@@ -89,3 +89,30 @@ def test_no_x_auth_token_unless_configured(shared_upstream: RecordingUpstream, u
 
     assert response.status_code == 200
     assert upstream.last.header("x-auth-token") is None
+
+
+def test_identity_token_is_not_accepted_as_a_credential():
+    """A leaked X-Auth-Token presented as a Bearer token on a self_issued route is refused (typ differs)."""
+    import json as _json
+
+    import httpx as _httpx
+
+    from sidecar.testing import KeyPair, recording_upstream, running_sidecar
+
+    keys = KeyPair()
+    with recording_upstream() as upstream:
+        config = {
+            "version": 1, "upstream": upstream.url,
+            "identity": {"signed_token": True},
+            "issuer": {"issuer": "https://sidecar.test", "signing_key": keys.private_pem},
+            "authenticators": {"public": {"type": "anonymous"}, "own": {"type": "jwt", "self_issued": True}},
+            "routes": [{"id": "own", "match": {"path": "/own/**"}, "auth": ["own"]},
+                       {"id": "open", "match": {"path": "/open/**"}, "auth": ["public"]}],
+        }
+        with running_sidecar(_json.dumps(config)) as sc:
+            assert _httpx.get(sc.url + "/open/x").status_code == 200
+            leaked = upstream.last.header("x-auth-token")
+            assert leaked
+            response = _httpx.get(sc.url + "/own/x", headers={"Authorization": f"Bearer {leaked}"})
+            assert response.status_code == 401
+            assert response.json()["error"] == "invalid_token"

@@ -24,6 +24,7 @@ from sidecar.configtypes import (
 )
 from sidecar.errors import DependencyUnavailable, Unauthenticated
 from sidecar.request import RequestView
+from sidecar.signing import IDENTITY_TOKEN_TYPE
 
 ASYMMETRIC = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
 SYMMETRIC = ("HS256", "HS384", "HS512")
@@ -135,6 +136,8 @@ class JwtAuthenticator:
             header = jwt.get_unverified_header(credential)
         except Exception:
             raise Unauthenticated("the token is not a well-formed JWT", detail="malformed") from None
+        if header.get("typ") == IDENTITY_TOKEN_TYPE:
+            raise Unauthenticated("an identity token is not a credential", detail="identity token presented")
         alg = header.get("alg")
         if not isinstance(alg, str) or alg not in self._algorithms:
             raise Unauthenticated("the token's signing algorithm is not accepted", detail=f"alg {alg!r}")

@@ -447,6 +447,9 @@ def _warnings(doc: YamlDocument, config: Config, authenticators: dict[str, Any])
     for name in authenticators:
         if name not in used:
             warnings.append(doc.error(("authenticators", name), f"authenticator {name!r} is not used by any route"))
+    if config.identity.signed_token and not (config.issuer and config.issuer.signing_keys()):
+        warnings.append(doc.error(("identity", "signed_token"),
+                                  "signed_token is on but issuer.signing_key is not set: no X-Auth-Token will be sent"))
     for earlier, later in shadowed_routes(config.routes):
         warnings.append(doc.error(
             ("routes", later),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import signal
+import subprocess
 import sys
 import time
 from dataclasses import replace
@@ -53,6 +54,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="command that starts the sidecar CLI (default: current python -m sidecar)",
     )
     p.add_argument("--max-time", type=float, default=0.0, help="hard limit in seconds (0: computed from settings)")
+    p.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=15.0,
+        help="max seconds to wait for other programs to go idle before each case",
+    )
     p.add_argument("--keep-temp", action="store_true", help="keep generated configs and logs")
     args = p.parse_args(argv)
     if args.duration < 1 or args.connections < 1 or args.threads < 1 or args.workers < 1:
@@ -89,7 +96,7 @@ def build_plan(args: argparse.Namespace) -> list[Case]:
 def time_limit(args: argparse.Namespace, plan: list[Case]) -> float:
     if args.max_time > 0:
         return args.max_time
-    per_case = args.warmup + args.duration + args.light_duration + args.startup_timeout + 30
+    per_case = args.warmup + args.duration + args.light_duration + args.startup_timeout + args.wait_quiet + 30
     tokens = 400 if any(c.name == "jwt_new" for c in plan) else 0
     return 120 + tokens + per_case * len(plan)
 
@@ -107,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGALRM, on_alarm)
     signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored
     signal.alarm(int(limit) + 1)
     print(
         f"sidecar bench: {len(plan)} case(s), {args.duration:g}s each after {args.warmup:g}s warm-up, "
@@ -125,8 +133,11 @@ def main(argv: list[str] | None = None) -> int:
     except ToolMissing as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        status = 1
     except (KeyboardInterrupt, BenchTimeout) as e:
-        print(f"\ninterrupted: {e or 'Ctrl-C'}; stopping everything it started", file=sys.stderr, flush=True)
+        print(f"\ninterrupted: {str(e) or 'Ctrl-C'}; stopping everything it started", file=sys.stderr, flush=True)
         status = 130 if isinstance(e, KeyboardInterrupt) else 124
     finally:
         signal.alarm(0)

@@ -51,6 +51,36 @@ def tree_pids(root: int) -> list[int]:
     return sorted(p for p in found if p == root or p in parents)
 
 
+def _stat_all(pid: int) -> float:
+    """utime+stime+cutime+cstime of one process (its own CPU and that of its reaped children)."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return 0.0
+    f = raw[raw.rindex(")") + 2 :].split()
+    return (int(f[11]) + int(f[12]) + int(f[13]) + int(f[14])) / CLK_TCK
+
+
+def cpu_snapshot() -> tuple[float, float, float]:
+    """(wall clock, CPU seconds of this bench and everything it started, user+nice+system CPU seconds of the machine).
+
+    The difference between two snapshots tells how much CPU *other* programs used meanwhile.
+    """
+    own = sum(_stat_all(pid) for pid in tree_pids(os.getpid()))
+    with open("/proc/stat") as f:
+        fields = f.readline().split()
+    machine = (int(fields[1]) + int(fields[2]) + int(fields[3])) / CLK_TCK
+    return time.monotonic(), own, machine
+
+
+def foreign_cores(before: tuple[float, float, float], after: tuple[float, float, float]) -> float:
+    """Average number of cores used by processes the bench did not start, between two snapshots."""
+    wall = after[0] - before[0]
+    if wall <= 0:
+        return 0.0
+    return max(0.0, ((after[2] - before[2]) - (after[1] - before[1])) / wall)
+
+
 def tree_cpu_seconds(root: int) -> float:
     """User+system CPU seconds consumed so far by ``root`` and its live descendants."""
     total = 0.0

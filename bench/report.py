@@ -22,6 +22,7 @@ class CaseResult:
     wrk_errors: dict[str, int] = field(default_factory=dict)
     cpu_us_per_req: float | None = None
     cpu_scope: str = ""
+    foreign_cpu_cores: float | None = None  # CPU used by programs the bench did not start, during the run
     light: dict[str, Any] | None = None
     vs_upstream: dict[str, float] = field(default_factory=dict)
     vs_nginx_proxy: dict[str, float] = field(default_factory=dict)

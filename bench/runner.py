@@ -20,12 +20,13 @@ from typing import Any
 from bench import configs, loadgen, tokens, tools, wrk
 from bench.configs import Case, Creds
 from bench.nginx import Nginx, proxy_conf, upstream_conf
-from bench.procs import free_port, tree_cpu_seconds
+from bench.procs import cpu_snapshot, foreign_cores, free_port, tree_cpu_seconds
 from bench.report import CaseResult
 from bench.sidecar_proc import REPO_ROOT, Sidecar, SidecarError
 
 CACHE_DIR = Path(__file__).resolve().parent / "results" / "cache"
 JWT_FEW = 4
+FOREIGN_WARN = 0.15  # cores used by other programs during a measured run before a warning
 
 
 class Bench:
@@ -132,6 +133,7 @@ class Bench:
             transport=case.transport,
             command=self.args.sidecar_cmd,
         )
+        before = _redis_keys() if case.needs_redis else None
         try:
             sc.start(timeout=self.args.startup_timeout)
             self._measure(case, res, sc.port, sc.pid, f"sidecar process tree ({self.args.workers} workers)", sc)
@@ -139,6 +141,13 @@ class Bench:
             raise RuntimeError(str(e)) from None
         finally:
             sc.close()
+            if before is not None:
+                left = _redis_cleanup(before)
+                if left:
+                    res.warnings.append(
+                        f"the sidecar left {len(left)} key(s) without TTL in Redis db 14, deleted: "
+                        + ", ".join(left[:5])
+                    )
 
     def _measure(self, case: Case, res: CaseResult, port: int, pid: int, scope: str, sc: Sidecar | None = None) -> None:
         a = self.args
@@ -146,13 +155,19 @@ class Bench:
         res.url = url
         _probe(url, configs.case_headers(case, self.creds), sc)
         common = {"threads": a.threads, "connections": a.connections}
+        self._wait_quiet()
         if a.warmup > 0:
             warm = configs.wrk_script(case, self.creds, str(self.workdir / "warm-"))
             wrk.run(self.wrk_bin, url, warm, self.workdir, duration=a.warmup, **common)
         script = configs.wrk_script(case, self.creds, str(self.workdir / "fresh-"))
-        cpu0 = tree_cpu_seconds(pid)
+        snap0, cpu0 = cpu_snapshot(), tree_cpu_seconds(pid)
         r = wrk.run(self.wrk_bin, url, script, self.workdir, duration=a.duration, **common)
-        cpu1 = tree_cpu_seconds(pid)
+        snap1, cpu1 = cpu_snapshot(), tree_cpu_seconds(pid)
+        res.foreign_cpu_cores = foreign_cores(snap0, snap1)
+        if res.foreign_cpu_cores > FOREIGN_WARN:
+            res.warnings.append(
+                f"other programs used {res.foreign_cpu_cores:.2f} cores during the measured run: numbers are low"
+            )
         if sc is not None and not sc.alive():
             raise RuntimeError("sidecar died during the measured run:\n" + sc.diagnostics())
         res.rps, res.requests, res.latency_ms, res.wrk_errors = r.rps, r.requests, r.latency_ms, r.errors
@@ -172,6 +187,19 @@ class Bench:
         )
         if self._light_for(case):
             self._light(case, res, port, sc)
+
+    def _wait_quiet(self) -> None:
+        """Wait (at most --wait-quiet seconds) until other programs leave the CPU alone for half a second."""
+        deadline = time.monotonic() + self.args.wait_quiet
+        busy = 0.0
+        while time.monotonic() < deadline:
+            before = cpu_snapshot()
+            time.sleep(0.5)
+            busy = foreign_cores(before, cpu_snapshot())
+            if busy < FOREIGN_WARN:
+                return
+        if self.args.wait_quiet > 0:
+            print(f"   (other programs still use {busy:.2f} cores; measuring anyway)", flush=True)
 
     def _light(self, case: Case, res: CaseResult, port: int, sc: Sidecar | None) -> None:
         a = self.args
@@ -233,11 +261,44 @@ def _check_redis() -> None:
         raise RuntimeError(f"the client_token case needs Redis on 127.0.0.1:6379 ({e})") from None
 
 
+def _redis_keys() -> set[bytes] | None:
+    """Keys present in the bench's Redis DB before a case (None: redis-py missing or Redis down)."""
+    try:
+        import redis
+    except ImportError:
+        return None
+    try:
+        with redis.Redis.from_url(configs.REDIS_URL, socket_timeout=5) as r:
+            return set(r.scan_iter(count=1000))
+    except redis.RedisError:
+        return None
+
+
+def _redis_cleanup(before: set[bytes] | None) -> list[str]:
+    """Delete the keys a case added to DB 14 that would never expire (keys with a TTL are left to expire)."""
+    if before is None:
+        return []
+    import redis
+
+    deleted: list[str] = []
+    try:
+        with redis.Redis.from_url(configs.REDIS_URL, socket_timeout=5) as r:
+            for key in r.scan_iter(count=1000):
+                if key not in before and r.ttl(key) == -1:
+                    r.delete(key)
+                    deleted.append(key.decode(errors="replace"))
+    except redis.RedisError as e:
+        print(f"   warning: could not clean Redis db 14: {e}")
+    return deleted
+
+
 def meta(args: argparse.Namespace, bench: Bench) -> dict[str, Any]:
     def first_line(cmd: list[str]) -> str:
         try:
             p = subprocess.run(cmd, capture_output=True, timeout=10, check=False)
         except (OSError, subprocess.TimeoutExpired):
+            return ""
+        if p.returncode != 0:
             return ""
         text = (p.stdout or p.stderr).decode(errors="replace").strip()
         return text.splitlines()[0] if text else ""

@@ -72,7 +72,8 @@ class Sidecar:
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
             )
-        deadline = time.monotonic() + timeout
+        started = time.monotonic()
+        deadline = started + timeout
         url = f"http://127.0.0.1:{self.admin_port}/healthz"
         last = ""
         while time.monotonic() < deadline:
@@ -87,6 +88,8 @@ class Sidecar:
                 last = f"healthz answered {e.code}"
             except OSError as e:
                 last = str(e)
+            if time.monotonic() - started > 5 and "Traceback" in tail(self.stderr_path, 200):
+                raise SidecarError(self._failure(f"sidecar not healthy after 5s, traceback on stderr ({last})"))
             time.sleep(0.1)
         raise SidecarError(self._failure(f"sidecar not healthy after {timeout:g}s ({last})"))
 

@@ -59,10 +59,16 @@ def _load_or_report(path: str):  # type: ignore[no-untyped-def]
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from sidecar.forward import transport_kind
     from sidecar.server import run
 
     path = config_path(args.config)
     if _load_or_report(path) is None:
+        return 1
+    try:
+        transport_kind()
+    except ValueError as exc:
+        print(f"sidecar: {exc}", file=sys.stderr)
         return 1
     admin_host = os.environ.get("SIDECAR_ADMIN_HOST", "127.0.0.1")
     return run(path, args.host, args.port, admin_host, args.admin_port, args.workers, args.grace)

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from sidecar.store import MemoryStore, RedisStore
 
 TOKEN_PREFIX = "sct_"
+LAST_USED_TTL = 90 * 24 * 3600.0  # a token unused for 90 days shows as never used; no key lives forever
 
 
 def new_token() -> str:
@@ -132,4 +133,4 @@ class ClientTokens:
     async def flush_last_used(self) -> None:
         used, self._used = self._used, {}
         for token_id, when in used.items():
-            await self.store.set(f"{PREFIX}last-used:{token_id}", when)
+            await self.store.set(f"{PREFIX}last-used:{token_id}", when, ttl=LAST_USED_TTL)

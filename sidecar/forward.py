@@ -103,13 +103,26 @@ class HttpxTransport:
         await self._client.aclose()
 
 
+TRANSPORTS = ("httptools", "httpx", "aiohttp")
+
+
+def transport_kind() -> str:
+    """The transport chosen by `SIDECAR_FORWARD_TRANSPORT` (default httptools); `sidecar run` checks it at start."""
+    kind = os.environ.get("SIDECAR_FORWARD_TRANSPORT", "httptools")
+    if kind not in TRANSPORTS:
+        raise ValueError(f"unknown SIDECAR_FORWARD_TRANSPORT {kind!r}; use one of {', '.join(TRANSPORTS)}")
+    return kind
+
+
 def make_transport(upstream_url: str, connect_timeout: float, read_timeout: float) -> Transport:
     upstream = Upstream.parse(upstream_url)
-    kind = os.environ.get("SIDECAR_FORWARD_TRANSPORT", "httptools")
+    kind = transport_kind()
     if kind == "httpx" or upstream.scheme == "https":
         return HttpxTransport(upstream, connect_timeout, read_timeout)
     if kind == "httptools":
         from sidecar.pool import PoolTransport
 
         return PoolTransport(upstream, connect_timeout, read_timeout)
-    raise ValueError(f"unknown SIDECAR_FORWARD_TRANSPORT {kind!r}; use httptools or httpx")
+    from sidecar.forward_aiohttp import AiohttpTransport  # for comparison in bench/ only: `pip install aiohttp`
+
+    return AiohttpTransport(upstream, connect_timeout, read_timeout)

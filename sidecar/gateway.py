@@ -96,6 +96,12 @@ class Gateway:
                 services.metrics.upstream_errors.labels(log["route"] or "-", refusal.reason).inc()
             if not responded[0]:
                 await self.refuse(refusal, plan, request, seen.request_id, send)
+            if refusal.status in (401, 403) and services.webhooks.targets("auth.refused"):
+                await services.events.emit("auth.refused", {
+                    "route": log["route"], "status": refusal.status, "reason": refusal.reason,
+                    "client_ip": log.get("client_ip"), "authenticator": log.get("authenticator"),
+                    "request_id": seen.request_id,
+                })
         except ClientDisconnected:
             log.update(decision="abandoned", reason="client_disconnected", status=499)
         total = time.perf_counter() - started

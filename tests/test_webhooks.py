@@ -288,6 +288,31 @@ def test_token_minted_through_admin_api_is_announced(receiver, upstream_url, red
     assert minted.json()["token"] not in hook.body.decode()
 
 
+def test_auth_refused_is_sent_only_when_subscribed(receiver, upstream_url, redis_url):  # noqa: F811
+    """A refused request raises auth.refused for a webhook subscribed to it — without the presented token."""
+    with running_sidecar(config(upstream_url, redis_url, url=receiver.url,
+                                events=["auth.refused"])) as sc:
+        response = httpx.get(sc.url + "/api/v1/transactions/1", headers={"X-Client-Token": "sct_forged-token"})
+        assert response.status_code == 401
+        assert wait_for(lambda: deliveries(sc.admin_url, "delivered"))
+    [hook] = receiver.hooks
+    payload = hook.verified()
+    assert payload["type"] == "auth.refused"
+    assert payload["data"]["route"] == "transactions"
+    assert payload["data"]["reason"] == "invalid_token"
+    assert payload["data"]["status"] == 401
+    assert "sct_forged-token" not in hook.body.decode()
+
+
+def test_auth_refused_is_not_sent_unless_subscribed(receiver, upstream_url, redis_url):  # noqa: F811
+    """Without a subscription, refusals raise no delivery (auth.refused is opt-in)."""
+    with running_sidecar(config(upstream_url, redis_url, url=receiver.url, events=["*"])) as sc:
+        assert httpx.get(sc.url + "/api/v1/transactions/1").status_code == 401
+        time.sleep(0.5)
+        assert deliveries(sc.admin_url) == []
+    assert receiver.hooks == []
+
+
 def test_name_resolving_to_loopback_is_refused_without_allow_private(receiver, upstream_url, redis_url,  # noqa: F811
                                                                      monkeypatch):
     """A webhook host whose DNS answer is 127.0.0.1 gets nothing unless allow_private: true; then the

@@ -3,28 +3,15 @@
 
 from __future__ import annotations
 
-import ipaddress
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from sidecar.errors import Forbidden
+from sidecar.request import ip_in
 
 if TYPE_CHECKING:
     from sidecar.authn.base import Identity
     from sidecar.config import ClientConfig, RouteConfig
-
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-def _ip_in(address: str, networks: Sequence[Network]) -> bool:
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-        ip = ip.ipv4_mapped
-    return any(ip in net for net in networks)
-
 
 def authorize(route: RouteConfig, identity: Identity, client_ip: str, clients: Mapping[str, ClientConfig]) -> None:
     require = route.require
@@ -32,11 +19,11 @@ def authorize(route: RouteConfig, identity: Identity, client_ip: str, clients: M
         raise Forbidden("the credential lacks a scope this route requires", reason="insufficient_scope")
     if require.clients and identity.client not in require.clients:
         raise Forbidden("this client may not call this route", reason="route_not_allowed")
-    if require.ips and not _ip_in(client_ip, require.ips):
+    if require.ips and not ip_in(client_ip, require.ips):
         raise Forbidden("requests from this address are not allowed here", reason="ip_not_allowed")
     client = clients.get(identity.client) if identity.client else None
     if client is not None:
         if client.routes is not None and route.id not in client.routes:
             raise Forbidden("this client may not call this route", reason="route_not_allowed")
-        if client.allowed_ips is not None and not _ip_in(client_ip, client.allowed_ips):
+        if client.allowed_ips is not None and not ip_in(client_ip, client.allowed_ips):
             raise Forbidden("requests from this address are not allowed for this client", reason="ip_not_allowed")

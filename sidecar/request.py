@@ -19,29 +19,30 @@ def client_address(peer: str, forwarded_for: list[bytes], trusted: Sequence[Netw
     """The client IP. `X-Forwarded-For` is believed only from a trusted peer, walked from the right, stopping
     at the first untrusted hop (as uvicorn's proxy_headers middleware): the rightmost untrusted address is the
     one no client could forge. From an untrusted peer the header changes nothing."""
-    if not trusted or not _is_trusted(peer, trusted):
+    if not trusted or not ip_in(peer, trusted):
         return peer
     hops = [hop.strip() for value in forwarded_for for hop in value.decode("latin-1").split(",") if hop.strip()]
     client = peer
     for hop in reversed(hops):
         client = hop
-        if not _is_trusted(hop, trusted):
+        if not ip_in(hop, trusted):
             break
     return client
 
 
-def _is_trusted(address: str, trusted: Sequence[Network]) -> bool:
+def ip_in(address: str, networks: Sequence[Network]) -> bool:
+    """Whether an address (IPv4-mapped IPv6 unwrapped) lies in one of the networks; an unparsable one never does."""
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:
         return False
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
         ip = ip.ipv4_mapped
-    return any(ip in net for net in trusted)
+    return any(ip in net for net in networks)
 
 
 def is_trusted_peer(peer: str, trusted: Sequence[Network]) -> bool:
-    return bool(trusted) and _is_trusted(peer, trusted)
+    return bool(trusted) and ip_in(peer, trusted)
 
 
 class RequestView:

@@ -154,8 +154,10 @@ class VerdictCache:
 
     def _ttl_for(self, auth: Authenticator, verdict: Verdict) -> float:
         if isinstance(verdict, Refused):
-            return getattr(auth, "negative_ttl", None) or self.negative_ttl
-        ttl = getattr(auth, "cache_ttl", None) or self.ttl
+            negative = getattr(auth, "negative_ttl", None)
+            return self.negative_ttl if negative is None else negative
+        ttl = getattr(auth, "cache_ttl", None)
+        ttl = self.ttl if ttl is None else ttl
         if verdict.expires_at is not None:
             ttl = min(ttl, verdict.expires_at - time.time())
         return ttl

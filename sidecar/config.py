@@ -49,7 +49,7 @@ class KeysConfig(Model):
     @classmethod
     def _long_enough(cls, value: str | list[str] | None) -> str | list[str] | None:
         for secret in [value] if isinstance(value, str) else value or []:
-            if len(secret.encode()) < 32:
+            if secret and len(secret.encode()) < 32:  # empty (e.g. ${SIDECAR_KEYS_SECRET:-}) means not set
                 raise ValueError("keys.secret must be at least 32 bytes; generate one with `openssl rand -base64 48`")
         return value
 

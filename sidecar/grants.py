@@ -8,13 +8,12 @@ client is compared against a dummy so the reply takes as long."""
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from starlette.responses import JSONResponse
 
+from sidecar.client_auth import verify_client_secret
 from sidecar.client_tokens import token_hash
 from sidecar.identifiers import Identifiers
 from sidecar.sso_keys import issue_sso_key
@@ -28,7 +27,6 @@ Params = dict[str, str]
 Credentials = tuple[str, str] | None
 Grant = Callable[["Services", Params, Credentials], Awaitable[dict[str, Any]]]
 
-_DUMMY_HASH = "0" * 64
 
 
 class OAuthError(Exception):
@@ -57,11 +55,8 @@ class OAuthError(Exception):
 def authenticate_client(services: Services, credentials: Credentials) -> ClientConfig:
     if credentials is None:
         raise OAuthError.invalid_client("client authentication is required: HTTP Basic with client_id:client_secret")
-    client_id, secret = credentials
-    client = services.policy.clients.get(client_id)
-    expected = client.secret.removeprefix("sha256:") if client is not None and client.secret else _DUMMY_HASH
-    given = hashlib.sha256(secret.encode("utf-8", "surrogateescape")).hexdigest()
-    if not hmac.compare_digest(given.encode(), expected.encode()) or client is None or not client.secret:
+    client = verify_client_secret(services.policy.clients, *credentials)
+    if client is None:
         raise OAuthError.invalid_client()
     return client
 

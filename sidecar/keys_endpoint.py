@@ -10,20 +10,17 @@ Errors are RFC 6749 §5.2-style JSON (SOAP: a Fault). The key itself is never lo
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hashlib
-import hmac
 import json
 import time
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl, unquote_plus, urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from sidecar.client_auth import decode_basic, verify_client_secret
 from sidecar.client_tokens import token_hash
 from sidecar.errors import Refusal
 from sidecar.ip_keys import KeyClaims, canonical_ip, keyring_for
@@ -45,7 +42,6 @@ MAX_BODY = 64 * 1024
 MAX_EXPIRY_MINUTES = 366 * 24 * 60
 FIELDS = ("user", "ip", "expiry_minutes", "simple_date", "url_logout", "single_use")
 NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}  # a key is a credential (RFC 6749 §5.1)
-_NO_SECRET = "sha256:" + "0" * 64
 
 
 class KeyRequestError(Exception):
@@ -132,19 +128,12 @@ class KeyEndpoint:
         raise _unauthorised("authenticate the client: X-Client-Token, Authorization: Bearer, or HTTP Basic")
 
     def _basic(self, value: str) -> str:
-        try:
-            client_id, sep, secret = base64.b64decode(value, validate=True).decode("utf-8").partition(":")
-        except (binascii.Error, ValueError):
-            raise _unauthorised("the Basic credentials are not valid base64 of client_id:client_secret") from None
-        # RFC 6749 §2.3.1: both parts are form-urlencoded before they are joined.
-        client_id, secret = unquote_plus(client_id), unquote_plus(secret)
-        client = self.services.policy.clients.get(client_id) if sep else None
-        expected = client.secret if client is not None and client.secret else _NO_SECRET
-        given = "sha256:" + hashlib.sha256(secret.encode()).hexdigest()
-        # Compared even for an unknown client, so the time taken does not tell which ids exist.
-        if not hmac.compare_digest(given.encode(), expected.encode()) or expected == _NO_SECRET:
+        decoded = decode_basic(value)
+        if decoded is None:
+            raise _unauthorised("the Basic credentials are not valid base64 of client_id:client_secret")
+        client = verify_client_secret(self.services.policy.clients, *decoded)
+        if client is None:
             raise _unauthorised("unknown client or wrong client secret")
-        assert client is not None
         return client.id
 
 

@@ -8,15 +8,14 @@ Without `issuer.signing_key` there is no token endpoint: it answers 404 (SPEC §
 
 from __future__ import annotations
 
-import base64
-import binascii
 from typing import TYPE_CHECKING
-from urllib.parse import parse_qsl, unquote_plus
+from urllib.parse import parse_qsl
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from sidecar.client_auth import decode_basic
 from sidecar.errors import Refusal
 from sidecar.grants import GRANTS, OAuthError
 
@@ -120,15 +119,10 @@ def client_credentials(authorization: list[str], params: dict[str, str]) -> tupl
 
 
 def _decode_basic(value: str) -> tuple[str, str]:
-    try:
-        decoded = base64.b64decode(value, validate=True).decode("utf-8")
-    except (binascii.Error, ValueError):
-        raise OAuthError.invalid_client("the Basic credentials are not valid base64") from None
-    client_id, sep, secret = decoded.partition(":")
-    if not sep or not client_id:
-        raise OAuthError.invalid_client("the Basic credentials must be client_id:client_secret")
-    # RFC 6749 §2.3.1: both are form-urlencoded before they are joined.
-    return unquote_plus(client_id), unquote_plus(secret)
+    decoded = decode_basic(value)
+    if decoded is None:
+        raise OAuthError.invalid_client("the Basic credentials must be base64 of client_id:client_secret")
+    return decoded
 
 
 def _error(status: int, error: str, description: str) -> JSONResponse:

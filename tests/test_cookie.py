@@ -62,7 +62,7 @@ def b64url(data: bytes) -> str:
 
 
 def portal_sign(secret: str, claims: dict) -> str:
-    """What the portal does (the format in docs/readme/04-maven-styles.md), written independently of the sidecar."""
+    """What the portal does (the format in the README, "Portal cookies"), written independently of the sidecar."""
     payload = b64url(json.dumps(claims).encode())
     mac = hmac.new(secret.encode(), f"v1.{payload}".encode(), hashlib.sha256).digest()
     return f"v1.{payload}.{b64url(mac)}"

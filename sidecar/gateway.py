@@ -246,10 +246,16 @@ def scan_headers(headers: list[tuple[bytes, bytes]]) -> SeenHeaders:
 
 
 def _host_name(value: bytes) -> str:
+    """The host of a Host header, port removed. A malformed port keeps the whole value, which then matches no
+    `host:` route (`api.example.com:x` must not pass for `api.example.com`)."""
     host = value.decode("latin-1").strip().lower()
     if host.startswith("["):
-        return host.split("]", 1)[0] + "]"
-    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+        name, _, port = host[1:].partition("]")
+        return f"[{name}]" if port in ("", ":") or (port[:1] == ":" and port[1:].isdigit()) else host
+    name, sep, port = host.rpartition(":")
+    if not sep or host.count(":") != 1:
+        return host
+    return name if port.isdigit() or port == "" else host
 
 
 _ID_PREFIX = uuid.uuid4().hex[:12]

@@ -49,6 +49,36 @@ class CoalescingTransport:
         return getattr(self._transport, name)
 
 
+MAX_HEAD_BYTES = 80 * 1024  # request line and headers; the gateway answers 431 above 64 KiB of fields
+_BODY_431 = b'{"error": "headers_too_large", "error_description": "the request head is larger than the limit"}'
+_HEAD_TOO_LARGE = (b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
+                   b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(_BODY_431), _BODY_431))
+
+
 class CoalescingHttpToolsProtocol(HttpToolsProtocol):
+    """Also bounds the request head: httptools buffers an unfinished header without limit, so an endless one
+    would grow memory until the connection dies. Past MAX_HEAD_BYTES before the head ends: 431, and close."""
+
+    _head_bytes = 0
+    _in_head = True
+
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(CoalescingTransport(transport, self.loop))  # type: ignore[arg-type]
+
+    def data_received(self, data: bytes) -> None:
+        if self._in_head:
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD_BYTES:
+                self.transport.write(_HEAD_TOO_LARGE)
+                self.transport.close()
+                return
+        super().data_received(data)
+
+    def on_message_begin(self) -> None:
+        self._in_head = True
+        self._head_bytes = 0
+        super().on_message_begin()
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        super().on_headers_complete()

@@ -60,6 +60,7 @@ _FORBIDDEN: tuple[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, str], ...
     (_V6("ff00::/8"), "multicast"),
     (_V6("100::/64"), "reserved (discard)"),
     (_V6("2001:db8::/32"), "documentation"),
+    (_V6("64:ff9b:1::/48"), "NAT64 local-use (RFC 8215)"),
 )
 _NAT64 = _V6("64:ff9b::/96")
 _V4_PART = re.compile(r"^(0[xX][0-9a-fA-F]*|0[0-7]*|[1-9][0-9]*)$")
@@ -126,15 +127,15 @@ def forbidden_reason(ip: IPAddress) -> str | None:
     return None if ip.is_global else "reserved (not a global address)"
 
 
-def url_refusal(url: str, allow_private: bool = False) -> str | None:
+def url_refusal(url: str, allow_private: bool = False, what: str = "webhook") -> str | None:
     """For `sidecar check`: why this URL is refused without DNS (a literal private address or `localhost`),
     or None. Names that need DNS are checked at delivery time only."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        return f"{url!r} is not a webhook URL; write https://host[:port]/path"
+        return f"{url!r} is not a {what} URL; write https://host[:port]/path"
     if allow_private:
         return None
-    host = parts.hostname
+    host = parts.hostname.removesuffix(".")  # `localhost.` is the same name, fully qualified
     if host == "localhost" or host.endswith(".localhost"):  # RFC 6761 §6.3: always loopback
         reason, address = "loopback", host
     else:
@@ -142,8 +143,8 @@ def url_refusal(url: str, allow_private: bool = False) -> str | None:
         reason, address = (forbidden_reason(ip), str(ip)) if ip is not None else (None, "")
     if reason is None:
         return None
-    return (f"the webhook URL points at {address} ({reason}), where deliveries are refused; use a "
-            "public URL, or set allow_private: true on this webhook if the receiver is meant to be internal")
+    return (f"the {what} URL points at {address} ({reason}), where calls are refused; use a "
+            f"public URL, or set allow_private: true on this {what} if it is meant to be internal")
 
 
 async def _system_resolve(host: str, port: int) -> list[str]:

@@ -14,9 +14,11 @@ checking. Several secrets may be given for rotation: any of them verifies, the f
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import hmac
 import json
+import re
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -35,10 +37,16 @@ def _b64encode(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
+_BASE64URL = re.compile(r"[A-Za-z0-9_-]+")
+
+
 def _b64decode(text: str) -> bytes:
-    if not text or any(c not in "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_" for c in text):
+    if not _BASE64URL.fullmatch(text) or len(text) % 4 == 1:  # one char over a multiple of 4 encodes no byte
         raise InvalidValue("malformed")
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    try:
+        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except binascii.Error:
+        raise InvalidValue("malformed") from None
 
 
 def _mac(key: bytes, signed_part: str) -> bytes:
@@ -59,7 +67,7 @@ def verify(
     if len(value) > MAX_LENGTH or value.count(".") != 2:
         raise InvalidValue("malformed")
     version, payload, signature = value.split(".")
-    if version != VERSION:
+    if version != VERSION or not _BASE64URL.fullmatch(payload):
         raise InvalidValue("malformed")
     given = _b64decode(signature)
     signed_part = f"{version}.{payload}"

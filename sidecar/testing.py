@@ -162,9 +162,12 @@ def running_sidecar(config: str | dict[str, Any], *, directory: str | None = Non
         thread.start()
         deadline = time.monotonic() + 15
         while not serving.started.is_set():
-            if failure:
-                raise failure[0]
-            if time.monotonic() > deadline:
+            if failure or time.monotonic() > deadline:
+                thread.join(1)
+                main_sock.close()
+                admin_sock.close()
+                if failure:
+                    raise failure[0]
                 raise RuntimeError("the sidecar did not start within 15 s")
             time.sleep(0.005)
         try:

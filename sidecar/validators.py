@@ -31,6 +31,7 @@ from pydantic import field_validator, model_validator
 from sidecar.configtypes import Duration, Model
 from sidecar.egress import PrivateAddress, pinned_target
 from sidecar.errors import DependencyUnavailable
+from sidecar.netguard import url_refusal
 
 __all__ = ["CheckResult", "RemoteCheck", "check"]
 
@@ -101,6 +102,10 @@ class RemoteCheck(Model):
             raise ValueError("give both client_id and client_secret, or neither")
         if self.timeout <= 0:
             raise ValueError("timeout must be positive, e.g. 2s")
+        # Literal internal addresses are refused here, at load; names that need DNS are checked when called.
+        problem = url_refusal(self.url.replace(PLACEHOLDER, "x"), self.allow_private, what="validator")
+        if problem:
+            raise ValueError(problem)
         return self
 
     def warnings(self) -> list[str]:

@@ -61,8 +61,8 @@ class Gateway:
                 raise HeadersTooLarge(f"at most {MAX_HEADERS} header fields and {MAX_HEADER_BYTES} bytes are accepted")
             path = normalise(scope)
             log["path"] = path
-            if seen.hosts > 1:
-                raise BadRequest("more than one Host header")
+            if seen.hosts != 1 and (seen.hosts > 1 or scope.get("http_version") == "1.1"):
+                raise BadRequest("an HTTP/1.1 request carries exactly one Host header (RFC 9112 §3.2)")
             plan = policy.match(method, seen.host, path)
             if plan is None:
                 raise NoRoute("no route matches this request")

@@ -73,7 +73,7 @@ class KeyClaims:
             raw: Any = json.loads(data)
             return cls(user=str(raw["u"]), client=str(raw["c"]), issued_at=int(raw["t"]), ip=raw.get("i"),
                        expires_at=raw.get("e"), single_use=bool(raw.get("s")), url_logout=raw.get("l"))
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, OverflowError, RecursionError):
             raise InvalidKey("malformed claims") from None
 
 

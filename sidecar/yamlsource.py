@@ -41,16 +41,17 @@ class YamlDocument:
         self.errors: list[str] = []
         self._env = env
         self._constructor = yaml.SafeLoader("")
+        self.data: Any = None
         try:
             node = yaml.compose(text, Loader=yaml.SafeLoader)
+            self.data = self._build(node, ()) if node is not None else None
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             line = mark.line + 1 if mark else 1
             problem = getattr(exc, "problem", None) or str(exc)
             self.errors.append(f"{filename}:{line}: (yaml): {problem}; fix the YAML syntax")
-            self.data: Any = None
-            return
-        self.data = self._build(node, ()) if node is not None else None
+        except RecursionError:
+            self.errors.append(f"{filename}:1: (yaml): the document is nested too deeply; flatten it")
 
     def line_of(self, loc: Loc) -> int:
         """The line of the deepest known location along `loc` (unknown parts, like union tags, are skipped)."""
@@ -78,7 +79,8 @@ class YamlDocument:
         if isinstance(node, yaml.MappingNode):
             result: dict[Any, Any] = {}
             for key_node, value_node in node.value:
-                key = self._constructor.construct_object(key_node)
+                key = self._build(key_node, (*loc, "(key)")) if not isinstance(key_node, yaml.ScalarNode) else (
+                    self._scalar(key_node, loc))
                 if not isinstance(key, str | int):
                     key = str(key)
                 if key in result:
@@ -89,10 +91,24 @@ class YamlDocument:
             return result
         if isinstance(node, yaml.SequenceNode):
             return [self._build(item, (*loc, i)) for i, item in enumerate(node.value)]
-        value = self._constructor.construct_object(node)
+        try:
+            value = self._constructor.construct_object(node)
+        except (ValueError, TypeError, IndexError, OverflowError):
+            # Scalars that look typed but are not (a timestamp with month 13, a bad !!float): say where.
+            self.errors.append(f"{self.filename}:{node.start_mark.line + 1}: {place(loc)}: {node.value!r} cannot be "
+                               "read as the type its form or tag says; quote it to make it a string")
+            return None
         if isinstance(value, str) and "${" in value:
             value = self._substitute(value, loc, node.start_mark.line + 1)
         return value
+
+    def _scalar(self, node: yaml.ScalarNode, loc: Loc) -> Any:
+        try:
+            return self._constructor.construct_object(node)
+        except (ValueError, TypeError, IndexError, OverflowError, yaml.YAMLError):
+            self.errors.append(f"{self.filename}:{node.start_mark.line + 1}: {place(loc)}: the key {node.value!r} "
+                               "cannot be read; quote it")
+            return node.value
 
     def _substitute(self, value: str, loc: Loc, line: int) -> str:
         def replace(match: re.Match[str]) -> str:

@@ -84,14 +84,12 @@ def config(upstream: str, service: str) -> str:
             "introspect": {**common, "from": ["header:Authorization"], "url": service + "/introspect",
                            "response": "introspection", "client_id": "sidecar", "client_secret": "s3cret:x"},
             "down": {**common, "from": ["query:token"], "url": f"http://127.0.0.1:{free_port()}/valida_token"},
-            "private": {"type": "remote", "from": ["query:token"], "url": service + "/valida_token"},
         },
         "routes": [
             {"id": "boolean", "match": {"path": "/boolean/**"}, "auth": ["valida_token"]},
             {"id": "json", "match": {"path": "/json/**"}, "auth": ["webservice"]},
             {"id": "introspection", "match": {"path": "/introspect/**"}, "auth": ["introspect"]},
             {"id": "down", "match": {"path": "/down/**"}, "auth": ["down"]},
-            {"id": "private", "match": {"path": "/private/**"}, "auth": ["private"]},
         ],
     })
 
@@ -203,13 +201,21 @@ def test_value_is_url_encoded_into_the_url(sidecar, service):
     assert calls_for(app, "/valida_token")[0].query == {"token": token}
 
 
-def test_private_address_refused_unless_allowed(sidecar, upstream, service):
-    """A validator on a loopback address is refused (SSRF) unless `allow_private: true`: 503, nothing called."""
-    app, _ = service
-    body = error_body(httpx.get(f"{sidecar.url}/private/x?token=good"), 503, "dependency_unavailable")
-    assert body["error_description"] == "the validation service is unavailable"
-    assert app.calls == []
-    assert upstream.received == []
+def test_private_address_refused_unless_allowed(service):
+    """A validator on a literal loopback address is refused (SSRF) when the config loads, unless
+    `allow_private: true`; names resolving there are refused when called (test_adv_outbound)."""
+    from sidecar.config import parse
+    from sidecar.yamlsource import ConfigError
+
+    _, url = service
+    config = {"version": 1, "upstream": "http://127.0.0.1:1",
+              "authenticators": {"private": {"type": "remote", "from": ["query:token"], "url": url + "/valida_token"}},
+              "routes": [{"id": "private", "match": {"path": "/private/**"}, "auth": ["private"]}]}
+    with pytest.raises(ConfigError) as refused:
+        parse(json.dumps(config), "sidecar.yaml", {})
+    assert "allow_private: true" in refused.value.errors[0]
+    config["authenticators"]["private"]["allow_private"] = True
+    assert parse(json.dumps(config), "sidecar.yaml", {}).config.routes[0].id == "private"
 
 
 def test_json_status_ok_gives_the_user_data_identity(sidecar, upstream, service):

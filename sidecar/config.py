@@ -355,7 +355,7 @@ def parse(text: str, filename: str, env: Mapping[str, str]) -> LoadedConfig:
     for name, raw in raw_authenticators.items():
         loc: Loc = ("authenticators", name)
         kind = raw.get("type") if isinstance(raw, dict) else None
-        if kind not in REGISTRY:
+        if not isinstance(kind, str) or kind not in REGISTRY:
             known = ", ".join(sorted(REGISTRY))
             what = f"unknown authenticator type {kind!r}" if kind else "missing type"
             errors.append(doc.error((*loc, "type"), f"{what}; use one of: {known}"))

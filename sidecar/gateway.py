@@ -57,6 +57,8 @@ class Gateway:
         responded = [False]
         upstream_seconds = None
         try:
+            if seen.bad_framing:
+                raise BadRequest("only Transfer-Encoding: chunked is accepted (RFC 9112 §6.1)")
             if seen.too_large:
                 raise HeadersTooLarge(f"at most {MAX_HEADERS} header fields and {MAX_HEADER_BYTES} bytes are accepted")
             path = normalise(scope)
@@ -208,7 +210,9 @@ def normalise(scope: dict[str, Any]) -> str:
 class SeenHeaders:
     """What the gateway needs from the request headers, found in one pass."""
 
-    __slots__ = ("content_length", "forwarded_for", "has_body", "host", "hosts", "request_id", "too_large")
+    __slots__ = (
+        "bad_framing", "content_length", "forwarded_for", "has_body", "host", "hosts", "request_id", "too_large",
+    )
 
     def __init__(self) -> None:
         self.host = ""
@@ -218,6 +222,7 @@ class SeenHeaders:
         self.content_length: str | None = None
         self.has_body = False
         self.too_large = False
+        self.bad_framing = False
 
 
 def scan_headers(headers: list[tuple[bytes, bytes]]) -> SeenHeaders:
@@ -239,6 +244,8 @@ def scan_headers(headers: list[tuple[bytes, bytes]]) -> SeenHeaders:
                 seen.has_body = True
         elif key == b"transfer-encoding":
             seen.has_body = True
+            if value.strip().lower() != b"chunked":
+                seen.bad_framing = True  # only plain chunked is forwarded; anything else is a smuggling shape
     if not seen.request_id:
         seen.request_id = next_request_id()
     seen.too_large = size > MAX_HEADER_BYTES or len(headers) > MAX_HEADERS

@@ -66,13 +66,13 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
         super().connection_made(CoalescingTransport(transport, self.loop))  # type: ignore[arg-type]
 
     def data_received(self, data: bytes) -> None:
-        if self._in_head:
+        super().data_received(data)
+        # Counted after parsing: a read that finishes the head (and carries body bytes) is not held against it.
+        if self._in_head and not self.transport.is_closing():
             self._head_bytes += len(data)
             if self._head_bytes > MAX_HEAD_BYTES:
                 self.transport.write(_HEAD_TOO_LARGE)
                 self.transport.close()
-                return
-        super().data_received(data)
 
     def on_message_begin(self) -> None:
         self._in_head = True

@@ -127,6 +127,9 @@ def forbidden_reason(ip: IPAddress) -> str | None:
     return None if ip.is_global else "reserved (not a global address)"
 
 
+RECEIVER = {"webhook": "receiver", "validator": "service"}
+
+
 def url_refusal(url: str, allow_private: bool = False, what: str = "webhook") -> str | None:
     """For `sidecar check`: why this URL is refused without DNS (a literal private address or `localhost`),
     or None. Names that need DNS are checked at delivery time only."""
@@ -143,8 +146,9 @@ def url_refusal(url: str, allow_private: bool = False, what: str = "webhook") ->
         reason, address = (forbidden_reason(ip), str(ip)) if ip is not None else (None, "")
     if reason is None:
         return None
-    return (f"the {what} URL points at {address} ({reason}), where calls are refused; use a "
-            f"public URL, or set allow_private: true on this {what} if it is meant to be internal")
+    refused = "deliveries are" if what == "webhook" else "calls are"
+    return (f"the {what} URL points at {address} ({reason}), where {refused} refused; use a "
+            f"public URL, or set allow_private: true on this {what} if the {RECEIVER[what]} is meant to be internal")
 
 
 async def _system_resolve(host: str, port: int) -> list[str]:

@@ -299,8 +299,8 @@ class Webhooks:
         """Queue a failed delivery again, its attempts counted from zero."""
         delivery_id = request.path_params["delivery_id"]
         async with failing_closed():
-            result = await self.queue.requeue(delivery_id)
             delivery = await self.queue.get(delivery_id)
+            result = await self.queue.requeue(delivery_id)
         if result == "missing" or delivery is None:
             raise NotFound("no such delivery (finished ones are kept 7 days, failed ones 30)")
         if result != "ok":
@@ -308,7 +308,9 @@ class Webhooks:
         if self._disabled.pop(delivery.webhook, None) is not None:  # the operator says the receiver is back
             self._routing = (None, {})
         await self.start()
-        return JSONResponse(delivery.summary(), status_code=202)
+        # The delivery as queued again (a worker may already be on it by the time anything is read back).
+        queued = {**delivery.summary(), "status": "pending", "attempts": 0, "last_error": None, "next_attempt_at": None}
+        return JSONResponse(queued, status_code=202)
 
 
 def _gone(webhook_id: str) -> str:

@@ -77,7 +77,7 @@ class Serving:
         main = self._main = _Server(_uvicorn_config(main_app, graceful=self.graceful))
         admin_server = _Server(_uvicorn_config(admin, graceful=1.0))
         loop = asyncio.get_running_loop()
-        with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):  # not the main thread
+        with contextlib.suppress(ValueError, RuntimeError):  # not the main thread: signals are not ours to take
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.stop)
             reload = getattr(self.services, "reload_from_file", None)

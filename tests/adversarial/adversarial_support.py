@@ -214,15 +214,6 @@ def assert_error(reply: Reply, status: int, error: str) -> None:
     assert body["error"] == error
 
 
-def wait_until(predicate: Any, timeout: float = 3.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(0.01)
-
-
 # --- the sidecar under attack -------------------------------------------------------------------------------
 
 

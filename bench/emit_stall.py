@@ -23,7 +23,7 @@ from pathlib import Path
 
 import redis
 
-from bench.nginx import Nginx
+from bench.nginx import Nginx, upstream_conf
 from bench.procs import free_port, tree_cpu_seconds
 from sidecar.testing import SidecarProcess, delete_sidecar_keys, redis_url_for_tests
 
@@ -33,32 +33,6 @@ STREAM = "sidecar:{webhooks}:stream"  # deliveries waiting for a worker
 POST_LUA = """wrk.method = "POST"
 wrk.body = '{"valor": 10}'
 wrk.headers["Content-Type"] = "application/json"
-"""
-
-
-def nginx_conf(prefix: Path, port: int) -> str:
-    return f"""daemon off;
-master_process on;
-worker_processes 1;
-pid {prefix}/nginx.pid;
-error_log {prefix}/error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-    access_log off;
-    keepalive_requests 100000000;
-    client_body_temp_path {prefix}/client_body;
-    proxy_temp_path {prefix}/proxy;
-    fastcgi_temp_path {prefix}/fastcgi;
-    uwsgi_temp_path {prefix}/uwsgi;
-    scgi_temp_path {prefix}/scgi;
-    server {{
-        listen 127.0.0.1:{port} backlog=4096;
-        location / {{
-            default_type application/json;
-            return 200 '{SEED_REPLY}';
-        }}
-    }}
-}}
 """
 
 
@@ -135,7 +109,7 @@ def main() -> int:
         upstream = Nginx(
             shutil.which("nginx") or "nginx",
             work / "nginx",
-            nginx_conf(work / "nginx", upstream_port),
+            upstream_conf(work / "nginx", upstream_port, SEED_REPLY),
             upstream_port,
             "upstream",
         )

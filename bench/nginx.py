@@ -63,8 +63,9 @@ def _http_common(prefix: Path) -> str:
 """
 
 
-def upstream_conf(prefix: Path, port: int) -> str:
-    body = upstream_body()
+def upstream_conf(prefix: Path, port: int, body: str | None = None) -> str:
+    """nginx answering every request with 200 and a fixed JSON body (default: ~1 KB)."""
+    body = upstream_body() if body is None else body
     return (
         _common(prefix)
         + f"""http {{

@@ -11,16 +11,22 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import time
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Protocol
 
+from sidecar import errors
 from sidecar.authn.base import Identity
-from sidecar.errors import Refusal, Unauthenticated
+from sidecar.errors import DependencyUnavailable, Refusal, Unauthenticated
+from sidecar.store import PREFIX
 
 if TYPE_CHECKING:
     from sidecar.authn.base import Authenticator
     from sidecar.request import RequestView
+
+
+_REFUSALS = {name: cls for name, cls in vars(errors).items() if isinstance(cls, type) and issubclass(cls, Refusal)}
 
 
 def cache_key(fingerprint: bytes, credential: str) -> bytes:
@@ -47,11 +53,54 @@ Verdict = Identity | Refused
 
 
 class SharedVerdicts(Protocol):
-    """A cache shared by every process (Redis); `None` from get means not there."""
+    """A cache shared by every process (Redis): get gives the verdict and the seconds it has left, or None."""
 
-    async def get(self, key: bytes) -> Verdict | None: ...
+    async def get(self, key: bytes) -> tuple[Verdict, float] | None: ...
 
     async def put(self, key: bytes, verdict: Verdict, ttl: float) -> None: ...
+
+
+class StoreVerdicts:
+    """Verdicts in the shared store, as JSON under `sidecar:verdict:<key hash>`. Only authenticators whose
+    check is an outside call opt in (`shared_cache`): for them a Redis round trip is cheaper than the call, and
+    every replica then asks the validator once. A store failure is a miss, never a refusal: the validator, not
+    the cache, is the authority."""
+
+    def __init__(self, store: Any) -> None:
+        self._store = store
+
+    async def get(self, key: bytes) -> tuple[Verdict, float] | None:
+        try:
+            raw = await self._store.get(f"{PREFIX}verdict:{key.hex()}")
+        except DependencyUnavailable:
+            return None
+        if raw is None:
+            return None
+        data = json.loads(raw)
+        left = data["until"] - time.time()
+        if left <= 0:
+            return None
+        if "refused" in data:
+            refused = data["refused"]
+            kind = _REFUSALS.get(refused["kind"], Unauthenticated)
+            return Refused(kind(refused["description"], reason=refused["reason"], detail=refused["detail"])), left
+        i = data["identity"]
+        return Identity(subject=i["subject"], method=i["method"], client=i["client"], scopes=frozenset(i["scopes"]),
+                        claims=i["claims"], expires_at=i["expires_at"]), left
+
+    async def put(self, key: bytes, verdict: Verdict, ttl: float) -> None:
+        if isinstance(verdict, Refused):
+            data: dict[str, Any] = {"refused": {"kind": verdict.kind.__name__, "reason": verdict.reason,
+                                                "description": verdict.description, "detail": verdict.detail}}
+        else:
+            data = {"identity": {"subject": verdict.subject, "method": verdict.method, "client": verdict.client,
+                                 "scopes": sorted(verdict.scopes), "claims": dict(verdict.claims),
+                                 "expires_at": verdict.expires_at}}
+        data["until"] = time.time() + ttl
+        try:
+            await self._store.set(f"{PREFIX}verdict:{key.hex()}", json.dumps(data, default=str), ttl=ttl)
+        except DependencyUnavailable:
+            pass
 
 
 class LocalVerdicts:
@@ -135,11 +184,13 @@ class VerdictCache:
     async def _lookup_or_verify(
         self, auth: Authenticator, key: bytes, credential: str, request: RequestView,
     ) -> tuple[Verdict, bool]:
-        if self.shared is not None:
-            verdict = await self.shared.get(key)
-            if verdict is not None:
+        shared = self.shared if getattr(auth, "shared_cache", False) else None
+        if shared is not None:
+            found = await shared.get(key)
+            if found is not None:
+                verdict, left = found
                 self._on_result("shared_hit")
-                self.local.put(key, verdict, self._ttl_for(auth, verdict))
+                self.local.put(key, verdict, min(left, self._ttl_for(auth, verdict)))
                 return verdict, False
         self._on_result("miss")
         try:
@@ -148,8 +199,8 @@ class VerdictCache:
             verdict = Refused(refusal)
         ttl = self._ttl_for(auth, verdict)
         self.local.put(key, verdict, ttl)
-        if self.shared is not None and ttl > 0:
-            await self.shared.put(key, verdict, ttl)
+        if shared is not None and ttl > 0:
+            await shared.put(key, verdict, ttl)
         return verdict, True
 
     def _ttl_for(self, auth: Authenticator, verdict: Verdict) -> float:

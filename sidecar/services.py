@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from sidecar.audit import AuditLog
-from sidecar.cache import VerdictCache
+from sidecar.cache import StoreVerdicts, VerdictCache
 from sidecar.client_keys import PUBLIC_KEY_UPDATED, ClientKeys
 from sidecar.client_tokens import ClientTokens
 from sidecar.events import Events
@@ -43,11 +43,12 @@ class Services:
         self.transports: dict[str, Transport] = {}
         issuer = config.issuer
         self.signing = SigningKeys(issuer.signing_keys() if issuer else [], issuer.issuer if issuer else "")
+        self.store = make_store(config.redis)
         self.cache = VerdictCache(
             config.cache.ttl, config.cache.negative_ttl, config.cache.max_entries,
+            shared=StoreVerdicts(self.store) if self.store.shared else None,
             on_result=self.metrics.cache_result,
         )
-        self.store = make_store(config.redis)
         self.client_tokens = ClientTokens(self.store, config.clients)
         self.client_keys = ClientKeys(self.store)
         self.events = Events()

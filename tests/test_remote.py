@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 from conftest import error_body
+from redis_support import redis_url  # noqa: F401  (fixture)
 from validator_support import Call, validator
 
 from sidecar import egress
@@ -317,3 +318,43 @@ def test_name_resolving_to_an_internal_address_is_refused(monkeypatch, service, 
         run_check("http://validator.example/valida_token")
     assert refused.value.description == "the validation service is unavailable"
     assert app.calls == []
+
+
+def with_redis(config_text: str, redis: str) -> str:
+    data = json.loads(config_text)
+    data["redis"] = redis
+    return json.dumps(data)
+
+
+def test_verdicts_are_shared_by_replicas_through_redis(upstream, service, redis_url):  # noqa: F811
+    """With Redis, a validator's yes and no are asked once for every replica: the second sidecar uses them."""
+    app, url = service
+    text = with_redis(config(upstream.url, url), redis_url)
+    with running_sidecar(text) as first, running_sidecar(text) as second:
+        assert httpx.get(f"{first.url}/boolean/x?token=good-1").status_code == 200
+        assert httpx.get(f"{first.url}/boolean/x?token=bad").status_code == 401
+        assert httpx.get(f"{second.url}/boolean/x?token=good-1").status_code == 200
+        assert httpx.get(f"{second.url}/boolean/x?token=bad").status_code == 401
+    assert len(calls_for(app, "/valida_token")) == 2
+    stored = redis_verdicts(redis_url)
+    assert len(stored) == 2  # the yes and the no, under hashes
+    assert not any("good-1" in key + value for key, value in stored.items())
+
+
+def test_redis_down_makes_shared_verdicts_a_miss_not_a_refusal(upstream, service):
+    """Redis configured but unreachable: the validator is still asked and its answer stands."""
+    app, url = service
+    with running_sidecar(with_redis(config(upstream.url, url), f"redis://127.0.0.1:{free_port()}/0")) as sc:
+        assert httpx.get(f"{sc.url}/boolean/x?token=good-2", timeout=10).status_code == 200
+        assert httpx.get(f"{sc.url}/boolean/x?token=bad", timeout=10).status_code == 401
+    assert len(calls_for(app, "/valida_token")) == 2
+
+
+def redis_verdicts(url: str) -> dict[str, str]:
+    import redis
+
+    client = redis.Redis.from_url(url, decode_responses=True)
+    try:
+        return {key: client.get(key) or "" for key in client.scan_iter(match="sidecar:verdict:*")}
+    finally:
+        client.close()

@@ -72,6 +72,7 @@ class CookieAuthenticator:
         self.sources: tuple[Source, ...] = (parse_source(f"cookie:{config.name}"),)
         # Only a webservice's verdict is worth caching; HMAC and existence checks cost less than a lookup.
         self.cacheable = config.revalidate is not None
+        self.shared_cache = self.cacheable  # a revalidation is an outside call: share its verdict
         if config.revalidate is not None:
             self.cache_ttl = config.revalidate.cache_ttl
             self.negative_ttl = config.revalidate.negative_ttl

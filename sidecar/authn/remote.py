@@ -42,6 +42,7 @@ def identity_from(result: CheckResult, method: str, credential: str) -> Identity
 
 class RemoteAuthenticator:
     cacheable = True
+    shared_cache = True  # one outside call per credential for every replica (sidecar.cache.StoreVerdicts)
 
     def __init__(self, name: str, config: RemoteConfig, services: Any) -> None:
         self.name = name

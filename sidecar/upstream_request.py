@@ -21,10 +21,11 @@ HOP_BY_HOP = frozenset({
     b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade",
     b"proxy-authenticate", b"proxy-authorization", b"expect", b"http2-settings",
 })
-# Set by the sidecar, so never taken from the client (X-Real-IP and Forwarded: backends trust them too).
-SET_BY_SIDECAR = frozenset({
-    b"x-request-id", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"x-real-ip", b"forwarded",
-})
+# The forwarding family (normalised names): what proxies tell the backend about the client and the URL it used.
+# Backends believe these (X-Forwarded-Prefix rewrites links, -Port and -Scheme build redirects, X-Real-IP is the
+# client), so none comes from a client: only a trusted proxy's copies pass, and only in the spelling a proxy writes.
+FORWARDING_PREFIX = b"x-forwarded"
+FORWARDING_NAMES = frozenset({b"forwarded", b"x-real-ip"})
 
 
 def normalised_name(name: bytes) -> bytes:
@@ -52,7 +53,9 @@ class StripPlan:
         )
 
 
-PASS, DROP, FORWARDED_FOR, FORWARDED_PROTO, FORWARDED_HOST = range(5)
+# What to do with an incoming header. PASS: the client's own, forwarded unless Connection names it. DROP: never
+# forwarded. FORWARDING: a trusted proxy's (kept only from one). FORWARDED_*: read to build the sidecar's own value.
+PASS, DROP, FORWARDING, FORWARDED_FOR, FORWARDED_PROTO, FORWARDED_HOST = range(6)
 
 
 class IdentityHeaders:
@@ -73,24 +76,30 @@ class IdentityHeaders:
     def classify(self, name: bytes) -> int:
         kind = self._classes.get(name)
         if kind is None:
-            norm = normalised_name(name)
-            # Only the exact names feed the forwarded chain (they are what `client_address` believes); lookalikes
-            # such as X_Forwarded_For are dropped, or a backend reading them would see another client.
-            if name in HOP_BY_HOP:
-                kind = DROP
-            elif name == b"x-forwarded-for":
-                kind = FORWARDED_FOR
-            elif name == b"x-forwarded-proto":
-                kind = FORWARDED_PROTO
-            elif name == b"x-forwarded-host":
-                kind = FORWARDED_HOST
-            elif norm.startswith(self.prefix) or norm in SET_BY_SIDECAR:
-                kind = DROP
-            else:
-                kind = PASS
+            kind = self._classify(name)
             if len(self._classes) < 4096:  # names are few in practice; a flood of new ones is just not cached
                 self._classes[name] = kind
         return kind
+
+    def _classify(self, name: bytes) -> int:
+        if name in HOP_BY_HOP:
+            return DROP
+        norm = normalised_name(name)
+        if norm.startswith(self.prefix) or norm == b"x-request-id":
+            return DROP
+        if not (norm.startswith(FORWARDING_PREFIX) or norm in FORWARDING_NAMES):
+            return PASS
+        # Only the spelling a proxy writes is a proxy's: a lookalike such as X_Forwarded_For is the client's, passed
+        # on untouched by a proxy that set the real one, and a backend reading it would see another client.
+        if name != norm:
+            return DROP
+        if name == b"x-forwarded-for":
+            return FORWARDED_FOR
+        if name == b"x-forwarded-proto":
+            return FORWARDED_PROTO
+        if name == b"x-forwarded-host":
+            return FORWARDED_HOST
+        return FORWARDING
 
     def encoded(self, identity: Identity) -> Headers:
         """The identity headers, encoded once per cached identity object."""
@@ -126,10 +135,16 @@ def build_headers(
     signed_token: str | None = None,
     body_length: int | None = None,
 ) -> Headers:
+    """The upstream request's headers (SPEC §4). From a trusted peer the forwarding family passes and
+    X-Forwarded-For is appended to; from any other peer it is removed and X-Forwarded-For/-Proto/-Host are set from
+    what the sidecar saw. `Connection` removes only the client's own headers: the forwarded chain is read from the
+    headers as received, so `Connection: X-Forwarded-For` cannot hide the client the sidecar authorised (Apache
+    CVE-2022-31813), and nothing the sidecar sets or vouches for can be named away."""
     connection_named: set[bytes] = set()
     for key, value in request.headers:
         if key == b"connection":
             connection_named.update(t.strip().lower().encode("latin-1") for t in value.decode("latin-1").split(","))
+    connection_named.discard(b"host")  # the Host the sidecar validated and matched is the one the backend sees
     strip = plan.headers
     out: Headers = []
     forwarded_for: list[bytes] = []
@@ -140,24 +155,25 @@ def build_headers(
         if key == b"host":
             host = value
         kind = classify(key)
-        if kind == DROP or key in strip or key in connection_named:
-            continue
-        if kind != PASS:
-            if trusted_peer:
-                if kind == FORWARDED_FOR:
-                    forwarded_for.append(value)
-                elif kind == FORWARDED_PROTO:
-                    forwarded_proto = value
-                else:
-                    forwarded_host = value
-            continue
-        if key == b"cookie" and plan.cookies:
-            value = strip_cookies(value, plan.cookies)
-            if not value:
+        if kind == PASS:
+            if key in strip or key in connection_named:
                 continue
-        elif key == b"content-length" and body_length is not None:
-            continue
-        out.append((key, value))
+            if key == b"cookie" and plan.cookies:
+                value = strip_cookies(value, plan.cookies)
+                if not value:
+                    continue
+            elif key == b"content-length" and body_length is not None:
+                continue
+            out.append((key, value))
+        elif kind != DROP and trusted_peer and key not in strip:
+            if kind == FORWARDING:
+                out.append((key, value))
+            elif kind == FORWARDED_FOR:
+                forwarded_for.append(value)
+            elif kind == FORWARDED_PROTO:
+                forwarded_proto = value
+            else:
+                forwarded_host = value
     if body_length is not None:
         out.append((b"content-length", str(body_length).encode()))
     peer = request.peer_ip.encode()

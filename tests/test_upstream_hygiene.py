@@ -4,6 +4,7 @@ headers, and X-Forwarded-* from what the sidecar saw (appended to only from a tr
 from __future__ import annotations
 
 from collections.abc import Iterator
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -25,6 +26,7 @@ def _config(upstream_url: str, keys: KeyPair, **top: object) -> str:
             route("cookie", "/cookie/**", ["cookie_jwt"]),
             route("either", "/either/**", ["partner_jwt", "cookie_jwt"]),
             route("open", "/open/**", ["public"]),
+            route("office", "/office/**", ["public"], require={"ips": ["200.10.0.0/16"]}),
         ],
         **top,
     ))
@@ -164,7 +166,8 @@ def test_x_forwarded_proto_and_host(
     sidecar: RunningSidecar, behind_proxy: RunningSidecar, upstream: RecordingUpstream, http: httpx.Client,
     trusted: bool, expected_proto: str, expected_host: str,
 ) -> None:
-    """X-Forwarded-Proto/Host come from what the sidecar saw, unless a trusted proxy already set them."""
+    """X-Forwarded-Proto/Host come from what the sidecar saw, unless a trusted proxy already set them; a trusted
+    proxy's X-Real-IP and Forwarded pass as it sent them, a client's never."""
     sc = behind_proxy if trusted else sidecar
     headers = {"Host": "api.example.com", "X-Forwarded-Proto": "https", "X-Forwarded-Host": "public.example.com",
                "X-Real-IP": "6.6.6.6", "Forwarded": "for=6.6.6.6"}
@@ -175,7 +178,76 @@ def test_x_forwarded_proto_and_host(
     assert [v for n, v in got.headers if n == "x-forwarded-proto"] == [expected_proto]
     assert [v for n, v in got.headers if n == "x-forwarded-host"] == [expected_host]
     assert [v for n, v in got.headers if _normalised(n) == "x-forwarded-for"] == ["127.0.0.1"]
-    assert {"x-real-ip", "forwarded"}.isdisjoint(got.header_names())
+    proxied = [("x-real-ip", "6.6.6.6"), ("forwarded", "for=6.6.6.6")] if trusted else []
+    assert [(n, v) for n, v in got.headers if n in ("x-real-ip", "forwarded")] == proxied
+
+
+# The forwarding family: what a proxy tells the backend about the client and the URL it used (SPEC §4).
+FORWARDING = ["X-Forwarded-Prefix", "X-Forwarded-Port", "X-Forwarded-Uri", "X-Forwarded-Server", "X-Forwarded-Scheme",
+              "X-Forwarded-Ssl", "X-Forwarded", "X-Real-IP", "Forwarded"]
+FORWARDING_LOOKALIKES = ["X_Forwarded_Prefix", "x.forwarded.port", "X-Forwarded_Uri", "x_forwarded_server",
+                         "X.Forwarded.Scheme", "X_Forwarded_Proto", "x.forwarded.host", "X_Real_IP", "x.real.ip",
+                         "X_Forwarded"]
+
+
+def _forwarding(received: Received) -> list[tuple[str, str]]:
+    return [(n, v) for n, v in received.headers
+            if _normalised(n).startswith("x-forwarded") or _normalised(n) in ("x-real-ip", "forwarded")]
+
+
+@pytest.mark.parametrize("name", FORWARDING + FORWARDING_LOOKALIKES)
+@pytest.mark.parametrize("trusted", [False, True], ids=["untrusted", "trusted"])
+def test_forwarding_headers_pass_only_from_a_trusted_proxy(
+    sidecar: RunningSidecar, behind_proxy: RunningSidecar, upstream: RecordingUpstream, name: str, trusted: bool,
+) -> None:
+    """A client's X-Forwarded-* / Forwarded / X-Real-IP, in any spelling, is removed; a trusted proxy's pass, but
+    only in the spelling a proxy writes (a lookalike is its client's, passed on untouched)."""
+    sc = behind_proxy if trusted else sidecar
+    response = raw_request(sc.url, "/open/x", {name: "/spoofed"})
+
+    assert response.status_code == 200
+    [got] = upstream.received
+    expected = [("x-forwarded-for", "127.0.0.1"), ("x-forwarded-proto", "http"),
+                ("x-forwarded-host", urlsplit(sc.url).netloc)]
+    if trusted and name in FORWARDING:
+        expected.insert(0, (name.lower(), "/spoofed"))
+    assert _forwarding(got) == expected
+
+
+@pytest.mark.parametrize("named", [
+    "X-Forwarded-For", "close, x-forwarded-for", "X-Forwarded-For, X-Forwarded-Proto, X-Forwarded-Host",
+    "X-Forwarded-Prefix, X-Real-IP, Forwarded", "Host", "X-Request-Id, X-Auth-Subject",
+])
+def test_connection_cannot_hide_what_a_trusted_proxy_forwarded(
+    behind_proxy: RunningSidecar, upstream: RecordingUpstream, named: str,
+) -> None:
+    """`Connection: X-Forwarded-For` behind a trusted proxy (the pattern of Apache CVE-2022-31813) does not hide
+    the client the sidecar authorised: the backend gets the same chain, and the proxy's other headers and Host."""
+    proxied = {"X-Forwarded-For": "200.10.0.5", "X-Forwarded-Proto": "https", "X-Forwarded-Host": "public.example",
+               "X-Forwarded-Prefix": "/app", "X-Real-IP": "200.10.0.5", "Forwarded": "for=200.10.0.5"}
+    response = raw_request(behind_proxy.url, "/office/x", {**proxied, "Connection": named})
+
+    assert response.status_code == 200  # require.ips 200.10.0.0/16: the sidecar saw 200.10.0.5
+    [got] = upstream.received
+    assert _forwarding(got) == [
+        ("x-forwarded-prefix", "/app"), ("x-real-ip", "200.10.0.5"), ("forwarded", "for=200.10.0.5"),
+        ("x-forwarded-for", "200.10.0.5, 127.0.0.1"), ("x-forwarded-proto", "https"),
+        ("x-forwarded-host", "public.example")]
+    assert got.header("host") == urlsplit(behind_proxy.url).netloc
+    assert got.header("x-request-id") == response.headers["x-request-id"]
+    assert got.header("x-auth-subject") == "anonymous"
+    assert "connection" not in got.header_names()
+
+
+def test_connection_cannot_hide_the_client_from_an_untrusted_peer(
+    sidecar: RunningSidecar, upstream: RecordingUpstream,
+) -> None:
+    """From a peer that is not a trusted proxy, `Connection: X-Forwarded-For` still leaves the peer address."""
+    response = raw_request(sidecar.url, "/open/x", {"X-Forwarded-For": "200.10.0.5", "Connection": "X-Forwarded-For"})
+
+    assert response.status_code == 200
+    [got] = upstream.received
+    assert [v for n, v in got.headers if _normalised(n) == "x-forwarded-for"] == ["127.0.0.1"]
 
 
 @pytest.mark.parametrize("variant", ["X_Forwarded_For", "x.forwarded.for"])
@@ -244,3 +316,4 @@ def test_cookies_pass_untouched_on_a_route_that_reads_none(
     assert response.status_code == 200
     [got] = upstream.received
     assert [v for n, v in got.headers if n == "cookie"] == ["session=abc; theme=dark"]
+

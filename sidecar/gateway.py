@@ -4,6 +4,7 @@ Every refusal is a `Refusal` raised on the way and answered here, with its audit
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 import json
 import re
@@ -65,6 +66,8 @@ class Gateway:
             log["path"] = path
             if seen.hosts != 1 and (seen.hosts > 1 or scope.get("http_version") == "1.1"):
                 raise BadRequest("an HTTP/1.1 request carries exactly one Host header (RFC 9112 §3.2)")
+            if seen.bad_host:
+                raise BadRequest("the Host header is not a host name or address with an optional port (RFC 9110 §7.2)")
             plan = policy.match(method, seen.host, path)
             if plan is None:
                 raise NoRoute("no route matches this request")
@@ -74,7 +77,7 @@ class Gateway:
             client_ip = (
                 client_address(peer, seen.forwarded_for, policy.trusted_proxies) if policy.trusted_proxies else peer
             )
-            request = RequestView(method, path, scope.get("query_string", b""), headers, seen.host,
+            request = RequestView(method, path, scope.get("query_string", b""), headers, seen.authority,
                                   scope.get("scheme", "http"), peer, client_ip, seen.request_id)
             log["client_ip"] = client_ip
             if plan.needs_body:
@@ -184,8 +187,9 @@ class Gateway:
         headers = refusal.headers(body)
         headers.append((b"x-request-id", request_id.encode()))
         login_url = plan.config.login_url if plan is not None else None
-        if login_url and refusal.status == 401 and request is not None and _wants_html(request):
-            # return_to is built from the request itself, so it can only point back at this host.
+        if login_url and refusal.status == 401 and request is not None and request.host and _wants_html(request):
+            # return_to is built from the request itself (Host validated, port kept), so it can only point back at
+            # this host. Without a Host (HTTP/1.0) there is nothing to point back at: the JSON 401 instead.
             back = f"{request.scheme}://{request.host}{request.path}"
             if request.query_string:
                 back += "?" + strip_query(request.query_string, plan.strip.query).decode("latin-1")  # type: ignore[union-attr]
@@ -211,11 +215,14 @@ class SeenHeaders:
     """What the gateway needs from the request headers, found in one pass."""
 
     __slots__ = (
-        "bad_framing", "content_length", "forwarded_for", "has_body", "host", "hosts", "request_id", "too_large",
+        "authority", "bad_framing", "bad_host", "content_length", "forwarded_for", "has_body", "host", "hosts",
+        "request_id", "too_large",
     )
 
     def __init__(self) -> None:
-        self.host = ""
+        self.host = ""  # the host name routes match on: lower-case, no port
+        self.authority = ""  # the Host header as sent, port kept (for return_to)
+        self.bad_host = False
         self.hosts = 0
         self.forwarded_for: list[bytes] = []
         self.request_id = ""
@@ -232,7 +239,10 @@ def scan_headers(headers: list[tuple[bytes, bytes]]) -> SeenHeaders:
         size += len(key) + len(value) + 4
         if key == b"host":
             seen.hosts += 1
-            seen.host = _host_name(value)
+            name = host_name(value)
+            seen.bad_host = name is None
+            seen.host = name or ""
+            seen.authority = value.decode("latin-1")
         elif key == b"x-forwarded-for":
             seen.forwarded_for.append(value)
         elif key == b"x-request-id":
@@ -252,17 +262,24 @@ def scan_headers(headers: list[tuple[bytes, bytes]]) -> SeenHeaders:
     return seen
 
 
-def _host_name(value: bytes) -> str:
-    """The host of a Host header, port removed. A malformed port keeps the whole value, which then matches no
-    `host:` route (`api.example.com:x` must not pass for `api.example.com`)."""
-    host = value.decode("latin-1").strip().lower()
-    if host.startswith("["):
-        name, _, port = host[1:].partition("]")
-        return f"[{name}]" if port in ("", ":") or (port[:1] == ":" and port[1:].isdigit()) else host
-    name, sep, port = host.rpartition(":")
-    if not sep or host.count(":") != 1:
-        return host
-    return name if port.isdigit() or port == "" else host
+# RFC 9110 §7.2 / RFC 3986 §3.2.2: Host is `uri-host [":" port]`. The name is held to the characters a DNS name
+# or IPv4 address uses (RFC 3986's unreserved set): no `@` (userinfo: `good.example@evil.example` names
+# evil.example), no `/`, no second `:`, no percent-encoding (a browser decodes it: `evil%2eexample`), no empty name.
+_HOST = re.compile(rb"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~-]+)(?::[0-9]{0,5})?")
+
+
+def host_name(value: bytes) -> str | None:
+    """The host a Host header names, lower-case, port removed; None when the value is not a valid Host (400)."""
+    match = _HOST.fullmatch(value)
+    if match is None:
+        return None
+    name = match.group(1).decode("ascii").lower()
+    if name.startswith("["):
+        try:
+            ipaddress.IPv6Address(name[1:-1])
+        except ValueError:
+            return None
+    return name
 
 
 _ID_PREFIX = uuid.uuid4().hex[:12]

@@ -1,4 +1,5 @@
-"""uvicorn's httptools protocol, with the writes of one event-loop turn coalesced into one send.
+"""uvicorn's httptools protocol, with the writes of one event-loop turn coalesced into one send, one `Date` per
+response, the request head bounded, and an absolute-form target's authority taken as the Host.
 
 uvicorn writes a response's status line and headers, then each body chunk, as separate `transport.write`s —
 each a send(2) on the socket. On loopback a send costs more than everything else the sidecar does for a
@@ -55,6 +56,18 @@ _HEAD_TOO_LARGE = (b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-typ
                    b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(_BODY_431), _BODY_431))
 
 
+class DateUnlessSent(list[tuple[bytes, bytes]]):
+    """uvicorn's default headers (`date` alone: the Server header is off), which its response cycle prepends with
+    `default_headers + headers`. A response that carries its own Date (the upstream's, forwarded) keeps that one
+    alone: RFC 9110 §6.6.1 allows one Date, and a proxy forwards the origin's."""
+
+    def __add__(self, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:  # type: ignore[override]
+        for name, _ in headers:
+            if name.lower() == b"date":
+                return headers
+        return [*self, *headers]
+
+
 class CoalescingHttpToolsProtocol(HttpToolsProtocol):
     """Also bounds the request head: httptools buffers an unfinished header without limit, so an endless one
     would grow memory until the connection dies. Past MAX_HEAD_BYTES before the head ends: 431, and close."""
@@ -81,4 +94,24 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._in_head = False
+        if self.url[:1] not in (b"/", b"*"):
+            self._host_from_target()
+        cycle = self.cycle
         super().on_headers_complete()
+        if self.cycle is not cycle and self.cycle is not None:
+            self.cycle.default_headers = DateUnlessSent(self.server_state.default_headers)
+
+    def _host_from_target(self) -> None:
+        """RFC 9112 §3.2.2: with an absolute-form target (`GET http://host/path`) the target's authority is the
+        Host, and a received Host header is ignored. uvicorn keeps only the path, so the authority becomes the Host
+        here, as sent, for the gateway to validate and match like any other (`http://a@evil/` is then a 400)."""
+        scheme, sep, rest = self.url.partition(b"://")
+        if not sep or not scheme.isalpha():
+            return  # not absolute-form: uvicorn refuses it, or the gateway does
+        end = len(rest)
+        for stop in (b"/", b"?", b"#"):
+            at = rest.find(stop)
+            if at != -1:
+                end = min(end, at)
+        self.headers[:] = [(name, value) for name, value in self.headers if name != b"host"]
+        self.headers.append((b"host", rest[:end]))

@@ -10,6 +10,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from email.utils import parsedate_to_datetime
 
 import httpx
 import pytest
@@ -17,6 +18,7 @@ import pytest
 from sidecar.testing import free_port, running_sidecar
 
 BODY = b'{"ok": true}'
+UPSTREAM_DATE = "Mon, 01 Jan 2001 00:00:00 GMT"
 
 
 class MisbehavingUpstream:
@@ -85,7 +87,9 @@ class MisbehavingUpstream:
             writer.write(f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
                          f"{extra}\r\n".encode() + (payload if method != "HEAD" else b""))
 
-        if path == "/echo-body":
+        if path == "/dated":
+            reply(BODY, extra=f"Date: {UPSTREAM_DATE}\r\nServer: backend/1.0\r\n")
+        elif path == "/echo-body":
             reply(json.dumps({"size": len(body), "head": body[:20].decode("latin-1")}).encode())
         elif path == "/chunked":
             writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
@@ -218,6 +222,22 @@ def test_head_request(sidecar):
     response = httpx.head(sidecar.url + "/ok")
     assert response.status_code == 200 and response.content == b""
     assert httpx.get(sidecar.url + "/ok").json() == {"ok": True}
+
+
+def test_upstream_date_is_forwarded_alone(sidecar):
+    """The upstream's Date reaches the client as the only Date, and its Server header is its own (RFC 9110 §6.6.1)."""
+    response = httpx.get(sidecar.url + "/dated")
+    assert response.status_code == 200
+    assert response.headers.get_list("date") == [UPSTREAM_DATE]
+    assert response.headers.get_list("server") == ["backend/1.0"]
+
+
+def test_reply_without_date_gets_one(sidecar):
+    """An upstream reply without Date gets exactly one, the sidecar's; the sidecar adds no Server header."""
+    response = httpx.get(sidecar.url + "/ok")
+    [date] = response.headers.get_list("date")
+    assert abs(parsedate_to_datetime(date).timestamp() - time.time()) < 5
+    assert "server" not in response.headers
 
 
 def test_many_concurrent_requests(sidecar):

@@ -237,6 +237,7 @@ def attacked_config(upstream_url: str, idp: KeyPair, redis: str | None = None) -
         route("strict", "/strict/**", ["staff_jwt"], require={"scopes": ["admin"]}),
         route("own", "/own/**", ["own_jwt"]),
         route("partner", "/partner/**", ["partner"]),
+        route("login", "/login/**", ["staff_jwt"], login_url="https://idp.test/login?app=1"),
         {"id": "hosted", "match": {"path": "/hosted/**", "host": "api.example.com"}, "auth": ["public"]},
     ]
     return json.dumps({

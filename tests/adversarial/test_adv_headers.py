@@ -1,7 +1,10 @@
 """Header tricks: duplicated or oddly spelled credentials, identity headers forged in every spelling, `Connection`
-naming the sidecar's own headers, and Host / X-Forwarded-Host confusion (SPEC §4, CVE-2025-64484)."""
+naming the sidecar's own headers, Host / X-Forwarded-Host confusion and invalid Hosts (SPEC §4, CVE-2025-64484,
+RFC 9112 §3.2), and the login redirect's return_to."""
 
 from __future__ import annotations
+
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from adversarial_support import (  # noqa: F401  (fixtures)
@@ -9,6 +12,7 @@ from adversarial_support import (  # noqa: F401  (fixtures)
     StrictUpstream,
     assert_error,
     attacked,
+    exchange,
     get,
     send_raw,
     staff_token,
@@ -158,3 +162,124 @@ def test_duplicate_host_is_refused(
     answers = send_raw(attacked.url, data)
     assert [a.status for a in answers] == [400]
     assert strict_upstream.received == []
+
+
+# RFC 9110 §7.2: Host is `uri-host [":" port]`; anything else is a 400 (RFC 9112 §3.2), never forwarded.
+INVALID_HOSTS = ["good.example@evil.example", "evil.example/x", "evil.example:80:80", "", ":80", "evil.example:x",
+                 "evil.example:123456", "evil%2eexample", "evil.example\\x", "evil.example?x", "evil.example#x",
+                 "[::1", "[::1]x", "[zz::1]", "[::1]:80:80", "a,b", "evil.example;x"]
+VALID_HOSTS = ["sidecar.test", "Sidecar.TEST", "sidecar.test:8443", "sidecar.test.", "127.0.0.1", "127.0.0.1:80",
+               "[::1]", "[::1]:8080", "[2001:db8::1]", "sidecar.test:", "under_score.internal"]
+
+
+@pytest.mark.parametrize("host", INVALID_HOSTS)
+def test_invalid_host_is_refused(
+    attacked: RunningSidecar, strict_upstream: StrictUpstream, host: str,  # noqa: F811
+) -> None:
+    """A Host that is not a host name or address with an optional port: 400 invalid_request, nothing forwarded."""
+    answers = send_raw(attacked.url, f"GET /public/x HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+
+    assert [a.status for a in answers] == [400]
+    assert_error(answers[0], 400, "invalid_request")
+    assert strict_upstream.seen == []
+
+
+@pytest.mark.parametrize("host", VALID_HOSTS)
+def test_valid_host_is_forwarded_as_sent(
+    attacked: RunningSidecar, strict_upstream: StrictUpstream, host: str,  # noqa: F811
+) -> None:
+    """A valid Host (name, IPv4 or [IPv6], optional port) passes byte for byte, as Host and X-Forwarded-Host."""
+    reply = get(attacked.url, "/public/x", host=host)
+
+    assert reply.status == 200
+    [seen] = strict_upstream.received
+    assert seen.headers_named("host") == [host]
+    assert seen.headers_named("x-forwarded-host") == [host]
+
+
+@pytest.mark.parametrize(("target", "host"), [
+    ("http://other.example:8081/public/x", "other.example:8081"),
+    ("http://other.example/public/x?a=1", "other.example"),
+    ("HTTP://Other.Example/public/x", "Other.Example"),
+])
+def test_absolute_form_target_names_the_host(
+    attacked: RunningSidecar, strict_upstream: StrictUpstream, target: str, host: str,  # noqa: F811
+) -> None:
+    """With `GET http://host/path` the target's authority is the Host and the Host header is ignored
+    (RFC 9112 §3.2.2): the upstream sees one Host, the one the sidecar matched on."""
+    reply = get(attacked.url, target, host="sidecar.test")
+
+    assert reply.status == 200
+    [seen] = strict_upstream.received
+    assert seen.headers_named("host") == [host]
+    assert seen.path == "/public/x"
+
+
+@pytest.mark.parametrize("target", ["http://good.example@evil.example/public/x", "http://evil.example:80:80/public/x",
+                                    "http://evil.example%2f/public/x"])
+def test_absolute_form_target_with_an_invalid_authority_is_refused(
+    attacked: RunningSidecar, strict_upstream: StrictUpstream, target: str,  # noqa: F811
+) -> None:
+    """An absolute-form target whose authority is not a valid Host is a 400 (the gateway's, or the HTTP parser's for
+    a target it cannot parse), whatever the Host header says; nothing forwarded."""
+    reply = get(attacked.url, target, host="sidecar.test")
+
+    assert reply.status == 400
+    assert strict_upstream.seen == []
+
+
+def test_absolute_form_target_matches_host_routes_by_its_authority(
+    attacked: RunningSidecar, strict_upstream: StrictUpstream,  # noqa: F811
+) -> None:
+    """A host-matched route is matched on the target's authority, not on a Host header naming it."""
+    assert_error(get(attacked.url, "http://evil.example/hosted/x", host="api.example.com"), 404, "no_route")
+    assert get(attacked.url, "http://api.example.com/hosted/x", host="evil.example").status == 200
+    assert [s.headers_named("host") for s in strict_upstream.received] == [["api.example.com"]]
+
+
+@pytest.mark.parametrize(("host", "back"), [
+    ("sidecar.test", "http://sidecar.test/login/x?a=1"),
+    ("sidecar.test:8443", "http://sidecar.test:8443/login/x?a=1"),
+    ("[::1]:8443", "http://[::1]:8443/login/x?a=1"),
+])
+def test_login_redirect_returns_to_the_same_host_and_port(attacked: RunningSidecar, host: str, back: str) -> None:  # noqa: F811
+    """A browser without a credential is sent to login_url with return_to naming this host and its port."""
+    reply = get(attacked.url, "/login/x?a=1", [("Accept", "text/html")], host=host)
+
+    assert reply.status == 302
+    location = urlsplit(reply.headers["location"])
+    assert (location.scheme, location.netloc, location.path) == ("https", "idp.test", "/login")
+    assert parse_qs(location.query) == {"app": ["1"], "return_to": [back]}
+
+
+@pytest.mark.parametrize("host", ["good.example@evil.example", "evil.example/x", "evil%2eexample"])
+def test_login_redirect_never_points_off_site(attacked: RunningSidecar, host: str) -> None:  # noqa: F811
+    """A Host that would make return_to name another site is refused (400) rather than redirected."""
+    reply = get(attacked.url, "/login/x", [("Accept", "text/html")], host=host)
+
+    assert_error(reply, 400, "invalid_request")
+    assert "location" not in reply.headers
+
+
+def test_login_redirect_without_host_answers_401(attacked: RunningSidecar) -> None:  # noqa: F811
+    """An HTTP/1.0 request without Host has no host to return to: the JSON 401, no redirect."""
+    [reply] = send_raw(attacked.url, b"GET /login/x HTTP/1.0\r\nAccept: text/html\r\n\r\n")
+
+    assert_error(reply, 401, "missing_credentials")
+    assert "location" not in reply.headers
+
+
+@pytest.mark.parametrize("data", [
+    b"GET /nothing HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    b"GET /public/x HTTP/1.1\r\nHost: a@b\r\nConnection: close\r\n\r\n",
+    b"GET /admin/x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    b"GET /login/x HTTP/1.1\r\nHost: x\r\nAccept: text/html\r\nConnection: close\r\n\r\n",
+    b"GET /public/x HTTP/1.1\r\nHost x\r\nConnection: close\r\n\r\n",
+], ids=["no-route", "bad-host", "no-credential", "login-redirect", "unparsable"])
+def test_refusals_carry_one_date_and_no_server(attacked: RunningSidecar, data: bytes) -> None:  # noqa: F811
+    """The sidecar's own answers carry exactly one Date and no Server header."""
+    head = exchange(attacked.url, data).partition(b"\r\n\r\n")[0].decode("latin-1").lower().split("\r\n")
+
+    assert head[0].split()[1] in ("302", "400", "401", "404")
+    assert len([line for line in head if line.startswith("date:")]) == 1
+    assert [line for line in head if line.startswith("server:")] == []

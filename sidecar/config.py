@@ -393,28 +393,25 @@ _LIMITS = {"greater_than_equal": ("ge", "at least"), "less_than_equal": ("le", "
 def _messages(doc: YamlDocument, exc: ValidationError, prefix: Loc, model: type[Model]) -> list[str]:
     """pydantic's errors as `FILE:LINE: place: message` with the fix. A value that fits no member of a union
     gives one line ("expected text or a list"), and a list's bad item is named rather than the list itself."""
-    found: list[tuple[Loc, str | None, str]] = []  # (where, what was expected or None, message)
+    out: list[str] = []
+    expected: dict[Loc, tuple[list[str], Any]] = {}  # place: (what would have fitted, what was there)
     for error in exc.errors(include_url=False):
         full = (*prefix, *error["loc"])
         if doc.came_from_unset(full):
             continue  # already reported: environment variable ... is not set
         known = doc.known_loc(full)
-        expected = _EXPECTED.get(error["type"])
-        found.append((known, expected, "" if expected else _message(error, full, model)))
-    deeper = {loc[:n] for loc, _, _ in found for n in range(len(loc))}
-    out: list[str] = []
-    merged: dict[Loc, list[str]] = {}
-    for known, expected, message in found:
-        if expected is None:
-            out.append(doc.error(known, message))
-        elif known not in deeper:  # a list member failing deeper down says more than "expected text" here
-            merged.setdefault(known, []).append(expected)
-    inputs = {(*prefix, *e["loc"]): e.get("input") for e in exc.errors(include_url=False)}
-    for known, expecteds in merged.items():
-        kinds = list(dict.fromkeys(expecteds))
-        got = next((_kind_of(value) for loc, value in inputs.items() if doc.known_loc(loc) == known), "something else")
+        kind = _EXPECTED.get(error["type"])
+        if kind is None:
+            out.append(doc.error(known, _message(error, full, model)))
+        else:
+            expected.setdefault(known, ([], error.get("input")))[0].append(kind)
+    deeper = {loc[:n] for loc in expected for n in range(len(loc))}
+    for known, (kinds, value) in expected.items():
+        if known in deeper:
+            continue  # a union's list member failing further down says more than "expected text" here
+        kinds = list(dict.fromkeys(kinds))
         how = ", or ".join(_HOW[kind] for kind in kinds)
-        out.append(doc.error(known, f"expected {' or '.join(kinds)}, not {got}; {how}"))
+        out.append(doc.error(known, f"expected {' or '.join(kinds)}, not {_kind_of(value)}; {how}"))
     return out
 
 
@@ -445,6 +442,8 @@ def _message(error: Any, loc: Loc, model: type[Model]) -> str:
 def _kind_of(value: Any) -> str:
     if isinstance(value, bool):
         return "true/false"
+    if isinstance(value, float) and not value.is_integer():
+        return "a fraction"
     if isinstance(value, int | float):
         return "a number"
     if isinstance(value, str):

@@ -60,7 +60,7 @@ def _load_or_report(path: str):  # type: ignore[no-untyped-def]
 
 def cmd_run(args: argparse.Namespace) -> int:
     from sidecar.forward import transport_kind
-    from sidecar.server import run
+    from sidecar.server import ListenError, run
 
     path = config_path(args.config)
     if _load_or_report(path) is None:
@@ -71,7 +71,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"sidecar: {exc}", file=sys.stderr)
         return 1
     admin_host = os.environ.get("SIDECAR_ADMIN_HOST", "127.0.0.1")
-    return run(path, args.host, args.port, admin_host, args.admin_port, args.workers, args.grace)
+    try:
+        return run(path, args.host, args.port, admin_host, args.admin_port, args.workers, args.grace)
+    except ListenError as exc:
+        print(f"sidecar: {exc}", file=sys.stderr)
+        return 1
 
 
 def cmd_check(args: argparse.Namespace) -> int:

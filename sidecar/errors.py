@@ -11,6 +11,7 @@
     ├── HeadersTooLarge       431 headers_too_large
     ├── UpstreamUnavailable   502 upstream_unavailable
     ├── DependencyUnavailable 503 dependency_unavailable
+    ├── ShuttingDown          503 shutting_down (the --grace period ran out before the answer)
     └── UpstreamTimeout       504 upstream_timeout
 
 The `reason` goes into the JSON body (`error`), the audit line and the metrics. Descriptions are
@@ -102,6 +103,11 @@ class UpstreamUnavailable(Refusal):
 class DependencyUnavailable(Refusal):
     status = 503
     reason = "dependency_unavailable"
+
+
+class ShuttingDown(Refusal):
+    status = 503
+    reason = "shutting_down"
 
 
 class UpstreamTimeout(Refusal):

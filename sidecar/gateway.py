@@ -4,6 +4,7 @@ Every refusal is a `Refusal` raised on the way and answered here, with its audit
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import itertools
 import json
@@ -109,10 +110,17 @@ class Gateway:
                 })
         except ClientDisconnected:
             log.update(decision="abandoned", reason="client_disconnected", status=499)
+        except asyncio.CancelledError:  # --grace ran out: server.GraceCutoff answers 503 (or closes); audit it too
+            log.update(decision="abandoned", reason="shutting_down", status=499 if responded[0] else 503)
+            self.record(log, started, upstream_seconds)
+            raise
+        self.record(log, started, upstream_seconds)
+
+    def record(self, log: dict[str, Any], started: float, upstream_seconds: float | None) -> None:
         total = time.perf_counter() - started
         log["total_ms"] = round(total * 1000, 2)
-        services.audit.record(log)
-        services.metrics.request(log["route"] or "-", log["decision"], total, upstream_seconds)
+        self.services.audit.record(log)
+        self.services.metrics.request(log["route"] or "-", log["decision"], total, upstream_seconds)
 
     async def authenticate(self, plan: RoutePlan, request: RequestView) -> tuple[Authenticator, Identity]:
         for auth in plan.authenticators:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import multiprocessing
 import os
@@ -23,6 +24,7 @@ import uvicorn
 
 from sidecar.app import create_apps
 from sidecar.config import load
+from sidecar.errors import ShuttingDown
 
 log = logging.getLogger("sidecar")
 
@@ -43,6 +45,44 @@ def _uvicorn_config(app: Any, *, graceful: float) -> uvicorn.Config:
         server_header=False, log_level="warning", timeout_graceful_shutdown=graceful,
         timeout_keep_alive=75, h11_max_incomplete_event_size=64 * 1024,
     )
+
+
+class GraceCutoff:
+    """Answers the requests still running when `--grace` runs out, instead of uvicorn's plain-text 500.
+
+    uvicorn cancels those requests' tasks (and only at shutdown: a client that leaves is a `http.disconnect`, not
+    a cancellation). Before the reply has started the caller gets the JSON 503 `shutting_down` of the error table
+    and the connection is closed; after, the connection is closed mid-reply — never a body made to look whole
+    (a last chunk sent now would pass a truncated reply off as complete)."""
+
+    __slots__ = ("app",)
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        started = False
+
+        async def tracking_send(message: dict[str, Any]) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except asyncio.CancelledError:
+            if scope["type"] != "http":
+                raise
+            if started:
+                log.warning("grace period over: closed a connection in the middle of its reply")
+                return  # uvicorn closes a connection whose reply is incomplete
+            log.warning("grace period over: answered 503 shutting_down to a request still in flight")
+            refusal = ShuttingDown("the sidecar is shutting down and its grace period ran out before the answer; "
+                                   "the upstream may have received the request")
+            body = refusal.body()
+            await send({"type": "http.response.start", "status": refusal.status,
+                        "headers": [*refusal.headers(body), (b"connection", b"close")]})
+            await send({"type": "http.response.body", "body": body})
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -74,7 +114,7 @@ class Serving:
     async def run(self) -> None:
         main_app, admin, self.services = create_apps(load(self.config_path))
         await self.services.start()
-        main = self._main = _Server(_uvicorn_config(main_app, graceful=self.graceful))
+        main = self._main = _Server(_uvicorn_config(GraceCutoff(main_app), graceful=self.graceful))
         admin_server = _Server(_uvicorn_config(admin, graceful=1.0))
         loop = asyncio.get_running_loop()
         with contextlib.suppress(ValueError, RuntimeError):  # not the main thread: signals are not ours to take
@@ -114,10 +154,27 @@ def _setup_logging() -> None:
     )
 
 
+class ListenError(Exception):
+    """A port that cannot be listened on (in use, privileged, no such address): one line for the operator."""
+
+
+def _listen(host: str, port: int, what: str) -> socket.socket:
+    try:
+        return bind(host, port)
+    except OSError as exc:
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        reason = "the address is already in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
+        raise ListenError(f"cannot listen on {address} ({what}): {reason}") from None
+
+
 def run(config_path: str, host: str, port: int, admin_host: str, admin_port: int, workers: int,
         graceful: float = 30.0) -> int:
-    main_sock = bind(host, port)
-    admin_sock = bind(admin_host, admin_port)
+    main_sock = _listen(host, port, "--port")
+    try:
+        admin_sock = _listen(admin_host, admin_port, "--admin-port")
+    except ListenError:
+        main_sock.close()
+        raise
     if workers <= 1:
         _run_worker(config_path, main_sock, admin_sock, graceful)
         return 0
@@ -127,7 +184,7 @@ def run(config_path: str, host: str, port: int, admin_host: str, admin_port: int
 def _supervise(config_path: str, main_sock: socket.socket, admin_sock: socket.socket, workers: int,
                graceful: float) -> int:
     context = multiprocessing.get_context("spawn")
-    stopping = False
+    stopping = 0  # the signal that asked us to stop
     os.environ["SIDECAR_SUPERVISOR_PID"] = str(os.getpid())
     metrics_dir = _multiprocess_metrics_dir()
 
@@ -136,12 +193,23 @@ def _supervise(config_path: str, main_sock: socket.socket, admin_sock: socket.so
         process.start()
         return process
 
+    spawning = True
     processes = [spawn() for _ in range(workers)]
+    spawning = False
+
+    def stop_listening() -> None:
+        # The workers close their copies when they start draining; while the parent holds one the kernel keeps
+        # the port listening and completes handshakes that no worker will ever accept (reset at exit). Closed
+        # here, a new connection is refused at once and the client can go to another replica.
+        main_sock.close()
+        admin_sock.close()
 
     def on_signal(sig: int, frame: Any) -> None:
         nonlocal stopping
         if sig != signal.SIGHUP:
-            stopping = True
+            stopping = sig
+            if not spawning:  # a worker being started still needs the sockets passed to it; closed after
+                stop_listening()
         for process in processes:
             if process.pid and process.is_alive():
                 os.kill(process.pid, sig)
@@ -154,7 +222,13 @@ def _supervise(config_path: str, main_sock: socket.socket, admin_sock: socket.so
             if not process.is_alive() and not stopping:
                 log.warning("worker %s exited with %s; starting another", process.pid, process.exitcode)
                 _mark_dead(process.pid)
+                spawning = True
                 processes[i] = spawn()
+                spawning = False
+    stop_listening()
+    for process in processes:  # one started while the signal was passed on has not had it
+        if process.pid and process.is_alive():
+            os.kill(process.pid, stopping)
     deadline = time.monotonic() + graceful + 5
     for process in processes:
         process.join(max(0.1, deadline - time.monotonic()))

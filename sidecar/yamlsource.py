@@ -18,11 +18,20 @@ _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(:-([^}]*))?\}")
 
 
 class ConfigError(Exception):
-    """One or more problems in a configuration file, each as `FILE:LINE: place: message`."""
+    """One or more problems in a configuration file, each as `FILE:LINE: place: message`, in line order."""
 
     def __init__(self, errors: list[str]) -> None:
+        errors = sorted(errors, key=_line)  # stable: problems on one line keep the order they were found in
         super().__init__("\n".join(errors))
         self.errors = errors
+
+
+def _line(error: str) -> int:
+    match = _LINE.search(error)
+    return int(match.group(1)) if match else 0
+
+
+_LINE = re.compile(r":(\d+): ")  # the first `:LINE: ` after the file name
 
 
 def place(loc: Loc) -> str:
@@ -39,6 +48,7 @@ class YamlDocument:
         self.filename = filename
         self.lines: dict[Loc, int] = {}
         self.errors: list[str] = []
+        self.unset: set[Loc] = set()  # where an unset ${VAR} was replaced by "": checks there would only repeat it
         self._env = env
         self._constructor = yaml.SafeLoader("")
         self.data: Any = None
@@ -49,7 +59,10 @@ class YamlDocument:
             mark = getattr(exc, "problem_mark", None)
             line = mark.line + 1 if mark else 1
             problem = getattr(exc, "problem", None) or str(exc)
-            self.errors.append(f"{filename}:{line}: (yaml): {problem}; fix the YAML syntax")
+            fix = "fix the YAML syntax"
+            if "${" in (text.splitlines()[line - 1:line] or [""])[0]:  # `{token: ${VAR}}`: the } ends the mapping
+                fix = 'quote a ${VAR} inside { } or [ ], as "${VAR}"'
+            self.errors.append(f"{filename}:{line}: (yaml): {problem}; {fix}")
         except RecursionError:
             self.errors.append(f"{filename}:1: (yaml): the document is nested too deeply; flatten it")
 
@@ -73,6 +86,9 @@ class YamlDocument:
 
     def error(self, loc: Loc, message: str) -> str:
         return f"{self.filename}:{self.line_of(loc)}: {place(self.known_loc(loc))}: {message}"
+
+    def came_from_unset(self, loc: Loc) -> bool:
+        return any(loc[:len(unset)] == unset for unset in self.unset)
 
     def _build(self, node: yaml.Node, loc: Loc) -> Any:
         self.lines.setdefault(loc, node.start_mark.line + 1)
@@ -117,6 +133,7 @@ class YamlDocument:
                 return self._env[name]
             if has_default is not None:
                 return default or ""
+            self.unset.add(loc)
             self.errors.append(
                 f"{self.filename}:{line}: {place(loc)}: environment variable {name} is not set; "
                 f"export {name}, or write ${{{name}:-default}} to make it optional"

@@ -152,7 +152,7 @@ def test_check_reports_an_unset_variable_by_name(tmp_path: Path) -> None:
 def test_check_default_for_an_unset_variable_is_used(tmp_path: Path) -> None:
     """${VAR:-default} with VAR unset is not an error."""
     path = tmp_path / "sidecar.yaml"
-    path.write_text(f"version: 1\nupstream: http://127.0.0.1:9\nadmin:\n  token: ${{{UNSET}:-fallback}}\nroutes: []\n")
+    path.write_text(f"version: 1\nupstream: ${{{UNSET}:-http://127.0.0.1:9}}\nroutes: []\n")
 
     result = run_check(path)
 
@@ -188,3 +188,114 @@ def test_check_uses_sidecar_config_from_the_environment(tmp_path: Path, good_tex
 
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"{path}: ok")
+
+
+POLICIES = Path(__file__).resolve().parent.parent / "policies"
+
+
+@pytest.mark.parametrize("policy", sorted(p.name for p in POLICIES.glob("*.yaml")))
+def test_every_example_policy_passes_check_with_a_clean_environment(policy: str) -> None:
+    """Each file in policies/ passes `sidecar check` with no variable set, and has no guessable admin token."""
+    clean = {name: os.environ[name] for name in ("PATH", "PYTHONPATH", "HOME") if name in os.environ}
+    path = POLICIES / policy
+    result = subprocess.run([sys.executable, "-m", "sidecar", "check", "--config", str(path)],
+                            capture_output=True, text=True, env=clean, timeout=60)
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"{path}: ok (")
+    assert all(line.startswith("warning: ") for line in result.stderr.splitlines()), result.stderr
+    assert "admin.token" not in result.stderr
+
+
+MANY_KINDS = """\
+version: 1
+upstream: http://127.0.0.1:9
+cache: {ttl: 5m, max_entries: lots}
+admin: {token: "${UNSET_VARIABLE}"}
+routes:
+  - id: api
+    match: {path: /api/**}
+    auth: [partner, ghost]
+  - id: api
+    match: {path: /other/**}
+    auth: partner
+    max_body: -1
+  - id: third
+    match: {path: /third/**, method: [GET]}
+    auth: [partner]
+authenticators:
+  partner:
+    type: jwt
+    jwks_url: https://idp.example/jwks.json
+    leeway: [1]
+""".replace("UNSET_VARIABLE", UNSET)
+
+RAW_PYDANTIC = ("Input should", "Field required", "type=", "For further information", "Value error",
+                "validation error", "pydantic", "List should", "Assertion failed")
+
+
+def test_check_reports_every_kind_of_error_in_one_run_sorted_by_line(tmp_path: Path) -> None:
+    """Schema errors, an unset variable, an unknown authenticator, a duplicated route id: all, by line, with fixes."""
+    path = tmp_path / "sidecar.yaml"
+    path.write_text(MANY_KINDS)
+
+    result = run_check(path)
+
+    assert result.returncode == 1
+    assert result.stdout == ""
+    for wording in (*RAW_PYDANTIC, "Traceback"):
+        assert wording not in result.stderr
+    errors = error_lines(path, result.stderr)
+    assert [line for line, _, _ in errors] == sorted(line for line, _, _ in errors)
+    got = {place: (line, message) for line, place, message in errors}
+    assert set(got) == {"cache.max_entries", "admin.token", "routes[0].auth[1]", "routes[1].id", "routes[1].auth",
+                        "routes[1].max_body", "routes[2].match.method", "authenticators.partner.leeway"}
+    expected = {  # place: (marker on its line, words of the message)
+        "cache.max_entries": ("max_entries: lots", ("expected a whole number", "not text", "write digits")),
+        "admin.token": ("admin:", (UNSET, "is not set", "export")),
+        "routes[0].auth[1]": ("ghost", ("'ghost'", "define it under authenticators", "partner")),
+        "routes[1].id": ("- id: api", ("'api' is used twice", "unique")),
+        "routes[1].auth": ("auth: partner", ("expected a list", "not text", "[a, b]")),
+        "routes[1].max_body": ("max_body: -1", ("must be at least 0", "not -1")),
+        "routes[2].match.method": ("method: [GET]", ("unknown key 'method'", "did you mean 'methods'?")),
+        "authenticators.partner.leeway": ("leeway:", ("not a duration", "300s")),
+    }
+    for place, (marker, words) in expected.items():
+        line, message = got[place]
+        if place == "routes[1].id":
+            assert line == [i for i, text in enumerate(MANY_KINDS.splitlines(), 1) if marker in text][1]
+        else:
+            assert line == line_of(MANY_KINDS, marker), place
+        for word in words:
+            assert word in message, (place, message)
+
+
+@pytest.mark.parametrize(("token", "problem"), [
+    ("short-token", "only 11 characters"),
+    ("change-me-admin-token-0123456789abcdef", "placeholder"),
+    ("demo-admin-token-change-me-0123456789", "placeholder"),
+])
+def test_check_warns_on_a_short_or_default_admin_token(tmp_path: Path, token: str, problem: str) -> None:
+    """A short or placeholder admin token passes `check` with a warning naming admin.token, its line and the fix."""
+    text = f"version: 1\nupstream: http://127.0.0.1:9\nadmin:\n  token: ${{{ADMIN_TOKEN_VAR}}}\nroutes: []\n"
+    path = tmp_path / "sidecar.yaml"
+    path.write_text(text)
+
+    result = run_check(path, **{ADMIN_TOKEN_VAR: token})
+
+    assert result.returncode == 0
+    [warning] = result.stderr.splitlines()
+    assert warning.startswith(f"warning: {path}:{line_of(text, 'token:')}: admin.token: ")
+    assert problem in warning and "openssl rand -hex 32" in warning
+    assert token not in warning
+
+
+def test_check_is_quiet_about_a_long_random_admin_token(tmp_path: Path) -> None:
+    """A 64-hex-character admin token, as `openssl rand -hex 32` makes, draws no warning."""
+    path = tmp_path / "sidecar.yaml"
+    path.write_text(f'version: 1\nupstream: http://127.0.0.1:9\nadmin: {{token: "${{{ADMIN_TOKEN_VAR}}}"}}\n'
+                    "routes: []\n")
+
+    result = run_check(path, **{ADMIN_TOKEN_VAR: "9c1f0e6a4b3d2c8e7f5a1b0c9d8e7f6a5b4c3d2e1f0a9b8c7d6e5f4a3b2c1d0e"})
+
+    assert (result.returncode, result.stderr) == (0, "")

@@ -5,13 +5,17 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
 import httpx
+import pytest
 
-from sidecar.testing import SidecarProcess, recording_upstream, running_sidecar, serve_in_thread
+from sidecar.testing import SidecarProcess, free_port, recording_upstream, running_sidecar, serve_in_thread
 
 ADMIN = "ops-admin-token-0123456789abcdef"
 
@@ -165,3 +169,122 @@ def test_metrics_have_the_spec_series_and_no_credential():
     assert 'sidecar_requests_total{decision="deny",route="guarded"} 1.0' in text
     assert "super-secret" not in text
     assert "secret-path-segment" not in text
+
+
+def _start_call(url: str, result: dict) -> threading.Thread:
+    def call() -> None:
+        try:
+            response = httpx.get(url, timeout=15)
+            result.update(status=response.status_code, body=response.text,
+                          content_type=response.headers.get("content-type"))
+        except httpx.HTTPError as exc:
+            result.update(error=type(exc).__name__)
+
+    thread = threading.Thread(target=call)
+    thread.start()
+    return thread
+
+
+def test_two_workers_refuse_new_connections_while_draining(tmp_path: Path):
+    """With --workers 2, a connection tried after SIGTERM is refused at once while the in-flight request finishes."""
+    with serve_in_thread(slow_upstream(4)) as upstream_url:
+        path = tmp_path / "sidecar.yaml"
+        path.write_text(config(upstream_url, [route("all", "/**")]))
+        sc = SidecarProcess(path, workers=2, grace=10)
+        result: dict = {}
+        thread = _start_call(sc.url + "/slow", result)
+        time.sleep(0.7)
+        sc.process.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        try:
+            refused_after = None
+            while refused_after is None and time.monotonic() - signalled < 3:
+                try:
+                    socket.create_connection(("127.0.0.1", sc.port), timeout=1).close()
+                    time.sleep(0.05)
+                except ConnectionRefusedError:
+                    refused_after = time.monotonic() - signalled
+            assert refused_after is not None and refused_after < 1.5  # the slow request runs ~3 s longer
+            assert "status" not in result
+            thread.join(15)
+            assert result == {"status": 200, "body": "finished", "content_type": "text/plain"}
+            assert sc.process.wait(15) == 0
+        finally:
+            sc.stop()
+
+
+def test_request_cut_off_by_the_grace_period_gets_the_json_503(tmp_path: Path):
+    """A request still waiting for the upstream when --grace runs out is answered 503 shutting_down in JSON."""
+    with serve_in_thread(slow_upstream(4)) as upstream_url:
+        path = tmp_path / "sidecar.yaml"
+        path.write_text(config(upstream_url, [route("all", "/**")]))
+        sc = SidecarProcess(path, grace=1)
+        result: dict = {}
+        thread = _start_call(sc.url + "/slow", result)
+        time.sleep(0.5)
+        sc.process.send_signal(signal.SIGTERM)
+        thread.join(15)
+        try:
+            assert result["status"] == 503
+            assert result["content_type"] == "application/json"
+            assert json.loads(result["body"])["error"] == "shutting_down"
+            assert set(json.loads(result["body"])) == {"error", "error_description"}
+            assert sc.process.wait(15) == 0
+        finally:
+            sc.stop()
+
+
+def streaming_upstream(pause: float):
+    """Sends its head and a first chunk, then pauses before the rest."""
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+        await send({"type": "http.response.body", "body": b"first part;", "more_body": True})
+        await __import__("asyncio").sleep(pause)
+        await send({"type": "http.response.body", "body": b"second part", "more_body": False})
+    return app
+
+
+def test_response_streaming_when_the_grace_period_ends_is_cut_short_not_completed(tmp_path: Path):
+    """A reply already streaming when --grace runs out is cut off by closing, never made to look complete."""
+    with serve_in_thread(streaming_upstream(4)) as upstream_url:
+        path = tmp_path / "sidecar.yaml"
+        path.write_text(config(upstream_url, [route("all", "/**")]))
+        sc = SidecarProcess(path, grace=1)
+        try:
+            with socket.create_connection(("127.0.0.1", sc.port), timeout=10) as sock:
+                sock.sendall(b"GET /stream HTTP/1.1\r\nHost: sidecar.test\r\n\r\n")
+                received = sock.recv(65536)
+                assert received.startswith(b"HTTP/1.1 200 ")
+                sc.process.send_signal(signal.SIGTERM)
+                while chunk := sock.recv(65536):
+                    received += chunk
+            head, _, body = received.partition(b"\r\n\r\n")
+            assert b"transfer-encoding: chunked" in head.lower()
+            assert b"first part;" in body
+            assert b"second part" not in body
+            assert not body.endswith(b"0\r\n\r\n")  # no last-chunk: the client knows the body is incomplete
+            assert sc.process.wait(15) == 0
+        finally:
+            sc.stop()
+
+
+@pytest.mark.parametrize("taken", ["--port", "--admin-port"])
+def test_run_on_a_port_in_use_says_so_in_one_line_and_exits_1(tmp_path: Path, taken: str):
+    """`sidecar run` on a port already in use prints one line naming the host and port, no traceback; exit 1."""
+    path = tmp_path / "sidecar.yaml"
+    path.write_text(config("http://127.0.0.1:9", [route("all", "/**")]))
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        busy = holder.getsockname()[1]
+        ports = {"--port": str(free_port()), "--admin-port": str(free_port()), taken: str(busy)}
+        result = subprocess.run(
+            [sys.executable, "-m", "sidecar", "run", "--config", str(path), "--host", "127.0.0.1",
+             "--port", ports["--port"], "--admin-port", ports["--admin-port"]],
+            capture_output=True, text=True, timeout=30,
+        )
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert result.stderr == f"sidecar: cannot listen on 127.0.0.1:{busy} ({taken}): the address is already in use\n"

@@ -107,9 +107,12 @@ class AdminApi:
         return JSONResponse({"created": len(mappings)}, status_code=201)
 
     async def reload(self, request: Request) -> Response:
-        ok, errors = await self.services.reload_from_file("admin api")
-        if not ok:
-            return JSONResponse({"reloaded": False, "errors": errors}, status_code=400)
+        result = await self.services.reload_from_file("admin api")
+        if result.restart:  # a valid file, but it changes what only a restart applies: nothing was applied
+            return JSONResponse({"reloaded": False, "errors": result.errors, "restart_required": result.restart},
+                                status_code=409)
+        if not result.applied:
+            return JSONResponse({"reloaded": False, "errors": result.errors}, status_code=400)
         _tell_siblings_to_reload()
         return JSONResponse({"reloaded": True, "routes": len(self.services.policy.config.routes)})
 

@@ -13,7 +13,10 @@ if TYPE_CHECKING:
     from sidecar.authn.base import Identity
     from sidecar.config import ClientConfig, RouteConfig
 
-def authorize(route: RouteConfig, identity: Identity, client_ip: str, clients: Mapping[str, ClientConfig]) -> None:
+def authorize(route: RouteConfig, identity: Identity, client_ip: str, clients: Mapping[str, ClientConfig],
+              client_bound: bool = False) -> None:
+    """`client_bound`: the identity's client was established from the `clients` section (client_token,
+    client_jwt), so a client that is no longer configured fails here rather than skipping its limits."""
     require = route.require
     if require.scopes and not identity.scopes.issuperset(require.scopes):
         raise Forbidden("the credential lacks a scope this route requires", reason="insufficient_scope")
@@ -22,6 +25,8 @@ def authorize(route: RouteConfig, identity: Identity, client_ip: str, clients: M
     if require.ips and not ip_in(client_ip, require.ips):
         raise Forbidden("requests from this address are not allowed here", reason="ip_not_allowed")
     client = clients.get(identity.client) if identity.client else None
+    if client is None and client_bound:
+        raise Forbidden("the credential's client is no longer configured", reason="route_not_allowed")
     if client is not None:
         if client.routes is not None and route.id not in client.routes:
             raise Forbidden("this client may not call this route", reason="route_not_allowed")

@@ -5,6 +5,12 @@ concurrent misses for one credential make one check. A cached identity still goe
 `require` checks on every hit (the gateway does that after `resolve`).
 
 Layers: a bounded in-process LRU, over an optional shared layer (Redis) with the same small interface.
+
+A reload never lets a verdict outlive what it was based on: the key's fingerprint covers the authenticator's
+configuration and, for authenticators that map a credential to a configured client, the `clients` section
+(`sidecar.policy`); so a removed token or client, or a changed one, is verified afresh in both layers. A reload
+that changes `cache:` applies at once (`configure`): the local layer is emptied, and a shared entry older than
+the new TTL is a miss.
 """
 
 from __future__ import annotations
@@ -53,9 +59,10 @@ Verdict = Identity | Refused
 
 
 class SharedVerdicts(Protocol):
-    """A cache shared by every process (Redis): get gives the verdict and the seconds it has left, or None."""
+    """A cache shared by every process (Redis): get gives the verdict, the seconds it has left and its age, or
+    None."""
 
-    async def get(self, key: bytes) -> tuple[Verdict, float] | None: ...
+    async def get(self, key: bytes) -> tuple[Verdict, float, float] | None: ...
 
     async def put(self, key: bytes, verdict: Verdict, ttl: float) -> None: ...
 
@@ -69,7 +76,7 @@ class StoreVerdicts:
     def __init__(self, store: Any) -> None:
         self._store = store
 
-    async def get(self, key: bytes) -> tuple[Verdict, float] | None:
+    async def get(self, key: bytes) -> tuple[Verdict, float, float] | None:
         try:
             raw = await self._store.get(f"{PREFIX}verdict:{key.hex()}")
         except DependencyUnavailable:
@@ -77,16 +84,19 @@ class StoreVerdicts:
         if raw is None:
             return None
         data = json.loads(raw)
-        left = data["until"] - time.time()
+        now = time.time()
+        left = data["until"] - now
         if left <= 0:
             return None
+        age = max(0.0, now - data.get("at", now))
         if "refused" in data:
             refused = data["refused"]
             kind = _REFUSALS.get(refused["kind"], Unauthenticated)
-            return Refused(kind(refused["description"], reason=refused["reason"], detail=refused["detail"])), left
+            verdict: Verdict = Refused(kind(refused["description"], reason=refused["reason"], detail=refused["detail"]))
+            return verdict, left, age
         i = data["identity"]
         return Identity(subject=i["subject"], method=i["method"], client=i["client"], scopes=frozenset(i["scopes"]),
-                        claims=i["claims"], expires_at=i["expires_at"]), left
+                        claims=i["claims"], expires_at=i["expires_at"]), left, age
 
     async def put(self, key: bytes, verdict: Verdict, ttl: float) -> None:
         if isinstance(verdict, Refused):
@@ -96,7 +106,8 @@ class StoreVerdicts:
             data = {"identity": {"subject": verdict.subject, "method": verdict.method, "client": verdict.client,
                                  "scopes": sorted(verdict.scopes), "claims": dict(verdict.claims),
                                  "expires_at": verdict.expires_at}}
-        data["until"] = time.time() + ttl
+        data["at"] = time.time()
+        data["until"] = data["at"] + ttl
         try:
             await self._store.set(f"{PREFIX}verdict:{key.hex()}", json.dumps(data, default=str), ttl=ttl)
         except DependencyUnavailable:
@@ -131,6 +142,11 @@ class LocalVerdicts:
     def evict(self, key: bytes) -> None:
         self._entries.pop(key, None)
 
+    def resize(self, max_entries: int) -> None:
+        self._max = max_entries
+        while len(self._entries) > self._max:
+            self._entries.popitem(last=False)
+
     def evict_where(self, predicate: Any) -> int:
         doomed = [k for k, (v, _) in self._entries.items() if predicate(v)]
         for key in doomed:
@@ -155,6 +171,14 @@ class VerdictCache:
         self.shared = shared
         self._inflight: dict[bytes, asyncio.Future[Verdict]] = {}
         self._on_result = on_result or (lambda result: None)
+
+    def configure(self, ttl: float, negative_ttl: float, max_entries: int) -> None:
+        """A reload's `cache:` settings. When the TTLs change, the local layer is emptied: no entry may outlive
+        the new TTL (shared entries are checked against it by age, in `_lookup_or_verify`)."""
+        if (ttl, negative_ttl) != (self.ttl, self.negative_ttl):
+            self.local.clear()
+        self.ttl, self.negative_ttl = ttl, negative_ttl
+        self.local.resize(max_entries)
 
     async def resolve(self, auth: Authenticator, credential: str, request: RequestView) -> Identity:
         if not auth.cacheable:
@@ -188,10 +212,12 @@ class VerdictCache:
         if shared is not None:
             found = await shared.get(key)
             if found is not None:
-                verdict, left = found
-                self._on_result("shared_hit")
-                self.local.put(key, verdict, min(left, self._ttl_for(auth, verdict)))
-                return verdict, False
+                verdict, left, age = found
+                left = min(left, self._ttl_for(auth, verdict, age))  # the TTL in force now, not when written
+                if left > 0:
+                    self._on_result("shared_hit")
+                    self.local.put(key, verdict, left)
+                    return verdict, False
         self._on_result("miss")
         try:
             verdict: Verdict = await auth.verify(credential, request)
@@ -203,12 +229,13 @@ class VerdictCache:
             await shared.put(key, verdict, ttl)
         return verdict, True
 
-    def _ttl_for(self, auth: Authenticator, verdict: Verdict) -> float:
+    def _ttl_for(self, auth: Authenticator, verdict: Verdict, age: float = 0.0) -> float:
+        """How much longer this verdict may be served, `age` seconds after it was decided."""
         if isinstance(verdict, Refused):
             negative = getattr(auth, "negative_ttl", None)
-            return self.negative_ttl if negative is None else negative
+            return (self.negative_ttl if negative is None else negative) - age
         ttl = getattr(auth, "cache_ttl", None)
-        ttl = self.ttl if ttl is None else ttl
+        ttl = (self.ttl if ttl is None else ttl) - age
         if verdict.expires_at is not None:
             ttl = min(ttl, verdict.expires_at - time.time())
         return ttl

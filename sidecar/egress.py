@@ -1,8 +1,10 @@
 """Outbound calls to addresses named in configuration (the validation webservices of `sidecar.validators`).
 
-A URL naming a public host can still resolve to loopback, a private network or the cloud metadata address
-(169.254.169.254): an attacker who controls DNS, or a typo, would then point the sidecar at internal
-services (SSRF). So, unless `allow_private` is set, the host is resolved once, *every* address must be
+The operator wrote these URLs, and the usual validation service sits in the same pod or network, so internal
+addresses are allowed by default. An operator who wants the guard webhooks always have sets
+`allow_private: false`: a URL naming a public host can still resolve to loopback, a private network or the
+cloud metadata address (169.254.169.254), and an attacker who controls DNS, or a typo, would then point the
+sidecar at internal services (SSRF). With the guard on, the host is resolved once, *every* address must be
 public (by `sidecar.netguard.forbidden_reason`, as for webhooks: `::ffff:127.0.0.1` is loopback), and
 the connection is pinned to the checked address. The TLS server name and the `Host` header still carry
 the configured name, so certificate checks are unchanged. Resolving again at connect time would reopen
@@ -24,7 +26,7 @@ __all__ = ["PrivateAddress", "pinned_target"]
 
 
 class PrivateAddress(Exception):
-    """The host resolves to an address that is not global, and `allow_private` is not set."""
+    """The host resolves to an address that is not global, and `allow_private: false` is set."""
 
 
 def _public(address: str) -> bool:
@@ -46,8 +48,8 @@ async def pinned_target(url: str, allow_private: bool) -> tuple[httpx.URL, dict[
         raise OSError(f"cannot resolve the host ({exc.strerror or exc})") from None
     addresses = [str(info[4][0]) for info in infos]
     if not addresses or not all(_public(a) for a in addresses):
-        raise PrivateAddress("the host resolves to a loopback, private or link-local address; set allow_private: true "
-                             "if that is intended")
+        raise PrivateAddress("the host resolves to a loopback, private or link-local address, and allow_private: "
+                             "false is set; remove that line if that is intended")
     netloc = parsed.netloc.decode("ascii")
     extensions: dict[str, Any] = {"sni_hostname": host} if parsed.scheme == "https" else {}
     # Connection: close, because the client's pool keys connections by address: a kept-alive connection whose

@@ -22,7 +22,7 @@ class _Offline:
 
     http = None
 
-    def transport_for(self, url: str) -> Any:
+    def transport_for(self, url: str, timeouts: Any = None) -> Any:
         return type("Offline", (), {"upstream": Upstream.parse(url), "url": url})()
 
     def issuer_public_keys(self) -> list[Any]:

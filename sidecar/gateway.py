@@ -87,7 +87,7 @@ class Gateway:
             log["authenticator"] = auth.name
             log["subject"] = identity.subject
             log["client"] = identity.client
-            authorize(plan.config, identity, client_ip, policy.clients)
+            authorize(plan.config, identity, client_ip, policy.clients, getattr(auth, "client_bound", False))
             status, upstream_seconds = await self.forward(
                 policy, plan, request, auth, identity, receive, send, responded, seen.has_body)
             log["decision"] = "allow"

@@ -132,7 +132,8 @@ RECEIVER = {"webhook": "receiver", "validator": "service"}
 
 def url_refusal(url: str, allow_private: bool = False, what: str = "webhook") -> str | None:
     """For `sidecar check`: why this URL is refused without DNS (a literal private address or `localhost`),
-    or None. Names that need DNS are checked at delivery time only."""
+    or None. Names that need DNS are checked at delivery time only. Webhook receivers are guarded unless they
+    set `allow_private: true`; validators (URLs the operator chose) only when they set `allow_private: false`."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         return f"{url!r} is not a {what} URL; write https://host[:port]/path"
@@ -146,8 +147,10 @@ def url_refusal(url: str, allow_private: bool = False, what: str = "webhook") ->
         reason, address = (forbidden_reason(ip), str(ip)) if ip is not None else (None, "")
     if reason is None:
         return None
-    refused = "deliveries are" if what == "webhook" else "calls are"
-    return (f"the {what} URL points at {address} ({reason}), where {refused} refused; use a "
+    if what != "webhook":  # validators allow internal addresses unless the operator turned the guard on
+        return (f"the {what} URL points at {address} ({reason}), where calls are refused because this {what} sets "
+                f"allow_private: false; remove that line if the {RECEIVER[what]} is meant to be internal")
+    return (f"the {what} URL points at {address} ({reason}), where deliveries are refused; use a "
             f"public URL, or set allow_private: true on this {what} if the {RECEIVER[what]} is meant to be internal")
 
 

@@ -3,6 +3,8 @@ ready. Built once at load (and on reload); a request takes one snapshot and keep
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +39,13 @@ class Policy:
             name: REGISTRY[cfg.type].build(name, cfg, services) for name, cfg in loaded.authenticators.items()
         }
         self.clients: dict[str, ClientConfig] = {client.id: client for client in config.clients}
+        # An authenticator that maps a credential to a configured client (client_token, client_jwt) decides from
+        # the `clients` section too: its verdict cache key covers that section, so after a reload that removes or
+        # changes a client or token, no verdict made under the old section is served (local or shared layer).
+        clients_digest = _clients_digest(config.clients)
+        for auth in self.authenticators.values():
+            if getattr(auth, "client_bound", False):
+                auth.fingerprint = hashlib.sha256(auth.fingerprint + clients_digest).digest()
         self.table = RouteTable(config.routes)
         self.identity_headers = IdentityHeaders(config.identity.header_prefix)
         self.trusted_proxies = tuple(config.trusted_proxies)
@@ -45,7 +54,7 @@ class Policy:
             route = compiled.config
             auths = tuple(self.authenticators[name] for name in route.auth)
             upstream = route.upstream or config.upstream
-            transport = services.transport_for(upstream)
+            transport = services.transport_for(upstream, config.timeouts)
             self.plans.append(RoutePlan(
                 route=compiled, config=route, authenticators=auths,
                 strip=StripPlan.from_sources(s for a in auths for s in a.sources),
@@ -58,3 +67,8 @@ class Policy:
     def match(self, method: str, host: str, path: str) -> RoutePlan | None:
         route = self.table.match(method, host, path)
         return None if route is None else self.plans[route.index]
+
+
+def _clients_digest(clients: list[ClientConfig]) -> bytes:
+    dump = sorted((client.model_dump(mode="json") for client in clients), key=lambda c: str(c["id"]))
+    return hashlib.sha256(json.dumps(dump, sort_keys=True, default=str).encode()).digest()

@@ -1,6 +1,7 @@
 """Everything a running sidecar holds for its lifetime: the compiled policy, the verdict cache, the
-transports (one pool per upstream), the control-plane HTTP client, audit log and metrics. Built once at
-start; a reload swaps the policy and keeps the rest."""
+transports (one pool per upstream and timeouts), the JWKS key caches (one per URL), the control-plane HTTP
+client, audit log and metrics. Built once at start; a reload swaps the policy, applies the new `cache:` and
+`timeouts:` settings, and keeps the rest. What a reload cannot change (`RESTART_KEYS`) refuses the reload."""
 
 from __future__ import annotations
 
@@ -8,11 +9,12 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import httpx
 
 from sidecar.audit import AuditLog
+from sidecar.authn.jwks import JwksKeys
 from sidecar.cache import StoreVerdicts, VerdictCache
 from sidecar.client_keys import PUBLIC_KEY_UPDATED, ClientKeys
 from sidecar.client_tokens import ClientTokens
@@ -26,11 +28,39 @@ from sidecar.webhooks import Webhooks
 
 if TYPE_CHECKING:
     from sidecar.authn.base import Identity
-    from sidecar.config import LoadedConfig
+    from sidecar.config import Config, LoadedConfig, TimeoutsConfig
 
 log = logging.getLogger("sidecar")
 
 IDENTITY_TOKEN_LIFETIME = 30.0
+
+
+class Reload(NamedTuple):
+    applied: bool
+    errors: list[str]
+    restart: list[str] = []  # the keys whose change needs a restart (the reload was refused for them)
+
+
+def _issuer_prefix(config: Config) -> str:
+    from sidecar.issuer import DEFAULT_PREFIX
+
+    return (config.issuer.prefix if config.issuer else DEFAULT_PREFIX).rstrip("/")
+
+
+# What is built once, at start, from these keys; a reload that changes one is refused as a whole (the running
+# configuration stays in force) with a message naming the key: the operator restarts instead.
+RESTART_KEYS: tuple[tuple[str, str, Any], ...] = (
+    ("redis", "the Redis connection is made once, at start",
+     lambda config: config.redis),
+    ("issuer.signing_key", "the signing keys are loaded once, at start",
+     lambda config: config.issuer.signing_keys() if config.issuer else []),
+    ("issuer.prefix", "the issuer endpoints are mounted once, at start", _issuer_prefix),
+)
+
+
+def restart_required(old: Config, new: Config) -> list[str]:
+    """The keys in `RESTART_KEYS` whose value differs between the running and the new configuration."""
+    return [key for key, _, value in RESTART_KEYS if value(old) != value(new)]
 
 
 class Services:
@@ -40,7 +70,9 @@ class Services:
         self.audit = audit or AuditLog()
         self.metrics = metrics or Metrics()
         self.http = httpx.AsyncClient(timeout=httpx.Timeout(5.0), follow_redirects=False, trust_env=False)
-        self.transports: dict[str, Transport] = {}
+        self.transports: dict[tuple[str, float, float], Transport] = {}
+        self._jwks: dict[str, JwksKeys] = {}
+        self._jwks_loaders: dict[str, asyncio.Task[None]] = {}
         issuer = config.issuer
         self.signing = SigningKeys(issuer.signing_keys() if issuer else [], issuer.issuer if issuer else "")
         self.store = make_store(config.redis)
@@ -82,12 +114,48 @@ class Services:
     def config(self) -> Any:
         return self.policy.config
 
-    def transport_for(self, upstream_url: str) -> Transport:
-        transport = self.transports.get(upstream_url)
+    def transport_for(self, upstream_url: str, timeouts: TimeoutsConfig | None = None) -> Transport:
+        """The transport for this upstream with these timeouts (the policy being built passes its own: a reload
+        that changes `timeouts:` gets new transports). One that a new policy no longer uses is left to finish
+        what it carries and closed at shutdown; a later policy with the same settings takes it up again."""
+        timeouts = timeouts or self.loaded.config.timeouts
+        key = (upstream_url, timeouts.connect, timeouts.read)
+        transport = self.transports.get(key)
         if transport is None:
-            timeouts = self.loaded.config.timeouts
-            transport = self.transports[upstream_url] = make_transport(upstream_url, timeouts.connect, timeouts.read)
+            transport = self.transports[key] = make_transport(upstream_url, timeouts.connect, timeouts.read)
         return transport
+
+    def jwks_for(self, url: str) -> JwksKeys:
+        """The key cache for this JWKS URL, shared by every policy that names it: a reload keeps the keys."""
+        keys = self._jwks.get(url)
+        if keys is None:
+            keys = self._jwks[url] = JwksKeys(url, self.http)
+        return keys
+
+    def jwks_not_loaded(self) -> list[str]:
+        """The authenticators whose JWKS has no key yet (for readiness and metrics); their background loader
+        keeps trying."""
+        return sorted(name for name, auth in self.policy.authenticators.items()
+                      if getattr(auth, "jwks", None) is not None and not auth.jwks.loaded)  # type: ignore[attr-defined]
+
+    async def _load_jwks(self) -> None:
+        """Fetch each JWKS the policy uses that has no key yet (once, awaited: usually the pod is ready at once);
+        those still without keys get a background loader that retries until they load. Key caches no policy
+        uses any more are dropped, with their loaders."""
+        in_use = {auth.jwks.url: auth.jwks for auth in self.policy.authenticators.values()  # type: ignore[attr-defined]
+                  if getattr(auth, "jwks", None) is not None}
+        for url in [url for url in self._jwks if url not in in_use]:
+            del self._jwks[url]
+            loader = self._jwks_loaders.pop(url, None)
+            if loader is not None:
+                loader.cancel()
+        for url, keys in in_use.items():
+            loader = self._jwks_loaders.get(url)
+            if keys.loaded or (loader is not None and not loader.done()):
+                continue
+            await keys.refresh()
+            if not keys.loaded:
+                self._jwks_loaders[url] = asyncio.ensure_future(keys.load_in_background())
 
     def issuer_public_keys(self) -> list[tuple[str, Any]]:
         return self.signing.public_keys
@@ -116,10 +184,7 @@ class Services:
         self._background.append(asyncio.ensure_future(self.watch_config()))
         self._background.append(asyncio.ensure_future(self._every(5.0, self.client_tokens.flush_last_used)))
         self._background.append(asyncio.ensure_future(self._every(1.0, self._flush_metrics)))
-        for auth in self.policy.authenticators.values():
-            jwks = getattr(auth, "jwks", None)
-            if jwks is not None:
-                await jwks.refresh()
+        await self._load_jwks()
 
     async def _flush_metrics(self) -> None:
         self.metrics.flush()
@@ -131,7 +196,7 @@ class Services:
                 await job()
 
     async def aclose(self) -> None:
-        for task in self._background:
+        for task in [*self._background, *self._jwks_loaders.values()]:
             task.cancel()
         with contextlib.suppress(Exception):
             await self.client_tokens.flush_last_used()
@@ -145,34 +210,54 @@ class Services:
 
     # --- reload (SIGHUP, POST /admin/reload, the file changing) -------------------------------------------------
 
-    async def reload_from_file(self, reason: str = "signal") -> tuple[bool, list[str]]:
-        """Validate the file fully, then swap the policy. A bad file is refused and the old policy stays; requests
-        in flight keep the policy they started with. Redis, the cache and the listeners are not re-created:
-        changing `redis:` needs a restart."""
+    async def reload_from_file(self, reason: str = "signal") -> Reload:
+        """Validate the file fully, then swap the policy and apply the new `cache:` settings (`timeouts:` come
+        with the policy's transports). A bad file, or one changing a key that needs a restart (`RESTART_KEYS`),
+        is refused as a whole: the running configuration stays in force. Requests in flight keep the policy they
+        started with."""
         from sidecar.config import load
         from sidecar.yamlsource import ConfigError
 
         path = self.loaded.path
+        self._config_stamp = _file_stamp(path)  # this version is dealt with, applied or refused: no retry loop
+        restart: list[str] = []
         try:
             loaded = load(path)
+            restart = restart_required(self.loaded.config, loaded.config)
+            if restart:
+                why = {key: because for key, because, _ in RESTART_KEYS}
+                raise ConfigError([f"{path}: {key}: changing {key} needs a restart ({why[key]}); the reload was "
+                                   "refused and the running configuration stays in force" for key in restart])
             policy = Policy(loaded, self)
         except ConfigError as exc:
-            self.audit.write(kind="reload", decision="refused", reason=reason, errors=exc.errors)
+            extra = {"restart_required": restart} if restart else {}
+            self.audit.write(kind="reload", decision="refused", reason=reason, errors=exc.errors, **extra)
             log.warning("reload refused: %s", "; ".join(exc.errors))
-            return False, exc.errors
+            return Reload(False, exc.errors, restart)
         except Exception as exc:  # a new policy that cannot even be built must not take the process down
             self.audit.write(kind="reload", decision="refused", reason=reason, errors=[repr(exc)])
-            return False, [repr(exc)]
-        for auth in policy.authenticators.values():
-            jwks = getattr(auth, "jwks", None)
-            if jwks is not None:
-                await jwks.refresh()
+            log.warning("reload refused: the new policy could not be built (%s)", type(exc).__name__)
+            return Reload(False, [repr(exc)])
+        config = loaded.config
+        old = self.policy
         self.loaded = loaded
         self.policy = policy
-        self.client_tokens.configure(loaded.config.clients)
-        self._config_stamp = _file_stamp(path)
-        self.audit.write(kind="reload", decision="applied", reason=reason, routes=len(loaded.config.routes))
-        return True, []
+        self.client_tokens.configure(config.clients)
+        self.cache.configure(config.cache.ttl, config.cache.negative_ttl, config.cache.max_entries)
+        self._forget_verdicts_of_changed(old, policy)
+        self.signing.issuer = config.issuer.issuer if config.issuer else ""
+        self._identity_tokens.clear()
+        await self._load_jwks()
+        self.audit.write(kind="reload", decision="applied", reason=reason, routes=len(config.routes))
+        return Reload(True, [])
+
+    def _forget_verdicts_of_changed(self, old: Policy, new: Policy) -> None:
+        """Verdicts of an authenticator whose key fingerprint changed can no longer be found (sidecar.cache);
+        free their room now rather than when they expire."""
+        changed = {name for name, auth in old.authenticators.items()
+                   if name not in new.authenticators or new.authenticators[name].fingerprint != auth.fingerprint}
+        if changed:
+            self.cache.local.evict_where(lambda v: getattr(v, "method", None) in changed)
 
     async def watch_config(self, interval: float = 1.0) -> None:
         """Reload when the file changes — including a Kubernetes ConfigMap update, which swaps a `..data`

@@ -31,7 +31,7 @@ from pydantic import field_validator, model_validator
 from sidecar.configtypes import Duration, Model
 from sidecar.egress import PrivateAddress, pinned_target
 from sidecar.errors import DependencyUnavailable
-from sidecar.netguard import url_refusal
+from sidecar.netguard import forbidden_reason, literal_address, url_refusal
 
 __all__ = ["CheckResult", "RemoteCheck", "check"]
 
@@ -53,7 +53,9 @@ class RemoteCheck(Model):
     cache_ttl: Duration | None = None
     negative_ttl: Duration | None = None
     headers: dict[str, str] = {}  # static extra headers, e.g. an API key
-    allow_private: bool = False
+    # The operator wrote this URL: usually the customer's own service in the same pod or network, so internal
+    # addresses are allowed. `false` turns on the address guard webhooks always have (sidecar.egress).
+    allow_private: bool = True
     client_id: str | None = None  # introspection: the sidecar's own client credentials (RFC 7662 §2.1)
     client_secret: str | None = None
     token_type_hint: str | None = None
@@ -102,16 +104,27 @@ class RemoteCheck(Model):
             raise ValueError("give both client_id and client_secret, or neither")
         if self.timeout <= 0:
             raise ValueError("timeout must be positive, e.g. 2s")
-        # Literal internal addresses are refused here, at load; names that need DNS are checked when called.
+        # With the guard on, literal internal addresses are refused here, at load; names when called.
         problem = url_refusal(self.url.replace(PLACEHOLDER, "x"), self.allow_private, what="validator")
         if problem:
             raise ValueError(problem)
         return self
 
     def warnings(self) -> list[str]:
-        if self.url.startswith("http://") and not self.allow_private:
+        host = urlsplit(self.url.replace(PLACEHOLDER, "x")).hostname or ""
+        if self.url.startswith("http://") and not _loopback(host):
             return ["the validation service is called over plain http: the credential crosses the network in clear"]
         return []
+
+
+def _loopback(host: str) -> bool:
+    """The service runs on this machine (or in this pod): plain http never leaves it."""
+    host = host.removesuffix(".")
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    ip = literal_address(host)
+    reason = forbidden_reason(ip) if ip is not None else None
+    return bool(reason and reason.startswith("loopback"))
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,7 +32,7 @@ from conftest import (
     wait_for,
 )
 
-from sidecar.testing import KeyPair, RecordingUpstream, RunningSidecar, running_sidecar, serve_in_thread
+from sidecar.testing import KeyPair, RecordingUpstream, RunningSidecar, free_port, running_sidecar, serve_in_thread
 
 
 @pytest.fixture(scope="module")
@@ -507,3 +507,43 @@ def test_failing_jwks_endpoint_is_not_hammered(upstream: RecordingUpstream, idp_
         error_body(response, 503, "dependency_unavailable")
     assert idp.gets - before <= 3
     assert upstream.received == []
+
+
+def test_jwks_down_at_start_is_loaded_in_the_background(upstream: RecordingUpstream, idp_keys: KeyPair,
+                                                        http: httpx.Client) -> None:
+    """The IdP's JWKS is down when the sidecar starts: the sidecar keeps trying on its own, so once the IdP is up
+    the keys are fetched and the pod turns ready with no request prompting it; then a JWT is accepted."""
+    port = free_port()
+    idp = JwksServer(idp_keys.jwks())
+    auth = {"type": "jwt", "jwks_url": f"http://127.0.0.1:{port}/jwks.json", "issuer": ISSUER, "audience": AUDIENCE}
+    config = make_config(upstream.url, {"idp": auth}, [route("api", "/api/**", ["idp"])])
+    with running_sidecar(config_text(config)) as sc:
+        ready = http.get(sc.admin_url + "/readyz")
+        assert ready.status_code == 503
+        assert "authenticator idp: JWKS not fetched yet" in ready.json()["problems"]
+        assert sc.services.jwks_not_loaded() == ["idp"]
+        time.sleep(1.0)  # the first background retries find the IdP still down
+        with serve_in_thread(idp, port):
+            assert wait_for(lambda: idp.gets >= 1, timeout=8.0), "the JWKS was never fetched"
+            assert wait_for(lambda: http.get(sc.admin_url + "/readyz").status_code == 200, timeout=2.0)
+            assert sc.services.jwks_not_loaded() == []
+            fetched = idp.gets
+            response = http.get(sc.url + "/api/x", headers=bearer(mint(idp_keys, sub="after-outage")))
+    assert response.status_code == 200
+    assert idp.gets == fetched  # the request used the keys already loaded
+    assert [r.header("x-auth-subject") for r in upstream.received] == ["after-outage"]
+
+
+def test_reload_while_the_idp_is_down_keeps_the_keys(upstream: RecordingUpstream, idp_keys: KeyPair,
+                                                     http: httpx.Client) -> None:
+    """A reload while the IdP's JWKS is failing keeps the keys already fetched: tokens are still accepted."""
+    with jwks_sidecar(upstream.url, idp_keys.jwks()) as (sc, idp):
+        assert http.get(sc.url + "/api/x", headers=bearer(mint(idp_keys, sub="before"))).status_code == 200
+        idp.jwks = {"keys": "not a key set"}  # every fetch from now on fails
+        changed = json.loads(sc.config_path.read_text())
+        changed["routes"].append(route("more", "/more/**", ["idp"]))
+        sc.config_path.write_text(json.dumps(changed))  # the file watcher reloads within a second
+        assert wait_for(lambda: "more" in {p.route.id for p in sc.services.policy.plans}, timeout=5.0)
+        response = http.get(sc.url + "/more/x", headers=bearer(mint(idp_keys, sub="after")))
+    assert response.status_code == 200
+    assert [r.header("x-auth-subject") for r in upstream.received] == ["before", "after"]

@@ -15,7 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from sidecar.testing import SidecarProcess, free_port, recording_upstream, running_sidecar, serve_in_thread
+from sidecar.client_tokens import new_token, token_hash
+from sidecar.testing import KeyPair, SidecarProcess, free_port, recording_upstream, running_sidecar, serve_in_thread
 
 ADMIN = "ops-admin-token-0123456789abcdef"
 
@@ -288,3 +289,153 @@ def test_run_on_a_port_in_use_says_so_in_one_line_and_exits_1(tmp_path: Path, ta
     assert result.returncode == 1
     assert result.stdout == ""
     assert result.stderr == f"sidecar: cannot listen on 127.0.0.1:{busy} ({taken}): the address is already in use\n"
+
+
+# -- what a reload changes, and what it refuses (issue 12, items 2 and 9) ---------------------------------------
+
+TOKEN_A1, TOKEN_A2, TOKEN_B = new_token(), new_token(), new_token()
+
+
+def tokens_config(upstream: str, clients: list[dict], extra_routes: list[dict] | None = None) -> str:
+    cfg = json.loads(config(upstream, [{"id": "api", "match": {"path": "/api/**"}, "auth": ["tokens"]},
+                                       *(extra_routes or [])]))
+    cfg["authenticators"]["tokens"] = {"type": "client_token"}
+    cfg["clients"] = clients
+    return json.dumps(cfg)
+
+
+def client(client_id: str, *tokens: str) -> dict:
+    return {"id": client_id, "tokens": [f"sha256:{token_hash(t)}" for t in tokens]}
+
+
+def admin_reload(sc) -> httpx.Response:
+    return httpx.post(sc.admin_url + "/admin/reload", headers={"Authorization": f"Bearer {ADMIN}"})
+
+
+def status_with(url: str, token: str) -> int:
+    return httpx.get(url, headers={"X-Client-Token": token}).status_code
+
+
+def test_token_or_client_removed_by_a_reload_is_refused_at_once_despite_the_cache():
+    """Tokens accepted (their verdicts cached); a reload removes one token and one client: both are 401 on the very
+    next request, not when their cached verdicts expire; the token left in place still works."""
+    with recording_upstream() as up:
+        first = tokens_config(up.url, [client("a", TOKEN_A1, TOKEN_A2), client("b", TOKEN_B)])
+        with running_sidecar(first) as sc:
+            for token in (TOKEN_A1, TOKEN_A2, TOKEN_B):
+                assert status_with(sc.url + "/api/1", token) == 200
+                assert status_with(sc.url + "/api/2", token) == 200  # served from the verdict cache
+            sc.config_path.write_text(tokens_config(up.url, [client("a", TOKEN_A1)]))
+            assert admin_reload(sc).status_code == 200
+            assert status_with(sc.url + "/api/3", TOKEN_A2) == 401
+            assert status_with(sc.url + "/api/3", TOKEN_B) == 401
+            assert status_with(sc.url + "/api/3", TOKEN_A1) == 200
+    assert [r.header("x-auth-client") for r in up.received] == ["a", "a", "a", "a", "b", "b", "a"]
+
+
+def test_client_removed_by_sighup_reload_is_refused_at_once(tmp_path: Path):
+    """The same through SIGHUP in a real process: once the new file is in force, the removed client's cached
+    token is refused on its next request."""
+    marker = {"id": "marker", "match": {"path": "/marker/**"}, "auth": ["public"]}
+    with recording_upstream() as up:
+        path = tmp_path / "sidecar.yaml"
+        path.write_text(tokens_config(up.url, [client("a", TOKEN_A1), client("b", TOKEN_B)]))
+        with SidecarProcess(path) as sc:
+            assert status_with(sc.url + "/api/1", TOKEN_B) == 200
+            assert status_with(sc.url + "/api/2", TOKEN_B) == 200
+            path.write_text(tokens_config(up.url, [client("a", TOKEN_A1)], [marker]))
+            sc.process.send_signal(signal.SIGHUP)
+            wait_status(sc.url + "/marker/1", 200, within=5)  # the new file is in force
+            assert status_with(sc.url + "/api/3", TOKEN_B) == 401
+            assert status_with(sc.url + "/api/3", TOKEN_A1) == 200
+
+
+def test_reload_applies_new_upstream_timeouts():
+    """A reload that shortens `timeouts.read` makes a slow upstream a 504 at once; lengthening it again gives 200."""
+    with serve_in_thread(slow_upstream(1.0)) as upstream_url:
+        cfg = json.loads(config(upstream_url, [route("all", "/**")]))
+        with running_sidecar(json.dumps({**cfg, "timeouts": {"read": "10s"}})) as sc:
+            assert httpx.get(sc.url + "/slow", timeout=10).status_code == 200
+            sc.config_path.write_text(json.dumps({**cfg, "timeouts": {"read": "200ms"}}))
+            assert admin_reload(sc).status_code == 200
+            reply = httpx.get(sc.url + "/slow", timeout=10)
+            assert (reply.status_code, reply.json()["error"]) == (504, "upstream_timeout")
+            sc.config_path.write_text(json.dumps({**cfg, "timeouts": {"read": "10s"}}))
+            assert admin_reload(sc).status_code == 200
+            assert httpx.get(sc.url + "/slow", timeout=10).status_code == 200
+
+
+def test_reload_applies_new_cache_ttl():
+    """A reload that turns the verdict cache off (`cache.ttl: 0s`) means the next request asks the validator
+    again: a credential the validator no longer accepts is refused at once."""
+    answers = {"current": "1"}
+
+    async def validator(scope, receive, send):
+        body = answers["current"].encode()
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"1")]})
+        await send({"type": "http.response.body", "body": body})
+
+    with recording_upstream() as up, serve_in_thread(validator) as validator_url:
+        cfg = json.loads(config(up.url, [{"id": "r", "match": {"path": "/r/**"}, "auth": ["remote"]}]))
+        cfg["authenticators"]["remote"] = {"type": "remote", "from": ["query:token"], "url": validator_url + "/v"}
+        with running_sidecar(json.dumps(cfg)) as sc:
+            assert httpx.get(sc.url + "/r/1?token=t").status_code == 200
+            answers["current"] = "0"
+            assert httpx.get(sc.url + "/r/2?token=t").status_code == 200  # the cached yes (cache.ttl 300s)
+            sc.config_path.write_text(json.dumps({**cfg, "cache": {"ttl": "0s"}}))
+            assert admin_reload(sc).status_code == 200
+            assert httpx.get(sc.url + "/r/3?token=t").status_code == 401
+
+
+def test_reload_changing_a_restart_key_is_refused_as_a_whole():
+    """A file changing `redis:` or `issuer.signing_key` is refused by POST /admin/reload with 409, naming the key
+    and saying to restart; nothing of it applies (its new route is not served, the old key still signs)."""
+    old_key, new_key = KeyPair(), KeyPair()
+    with recording_upstream() as up:
+        cfg = json.loads(config(up.url, [route("a", "/a/**")]))
+        cfg["issuer"] = {"signing_key": old_key.private_pem}
+        with running_sidecar(json.dumps(cfg)) as sc:
+            jwks = httpx.get(sc.url + "/_sidecar/.well-known/jwks.json").json()
+            changes = {"redis": {"redis": "redis://127.0.0.1:1/0"},
+                       "issuer.signing_key": {"issuer": {"signing_key": new_key.private_pem}}}
+            for key, change in changes.items():
+                changed = {**cfg, **change, "routes": [*cfg["routes"], route("b", "/b/**")]}
+                sc.config_path.write_text(json.dumps(changed))
+                reply = admin_reload(sc)
+                assert reply.status_code == 409
+                body = reply.json()
+                assert body["reloaded"] is False
+                assert body["restart_required"] == [key]
+                assert f"{key}: changing {key} needs a restart" in body["errors"][0]
+                assert "the reload was refused" in body["errors"][0]
+                assert httpx.get(sc.url + "/b/1").status_code == 404
+                assert httpx.get(sc.url + "/a/1").status_code == 200
+                assert httpx.get(sc.url + "/_sidecar/.well-known/jwks.json").json() == jwks
+            sc.config_path.write_text(json.dumps({**cfg, "routes": [*cfg["routes"], route("b", "/b/**")]}))
+            assert admin_reload(sc).status_code == 200
+            assert httpx.get(sc.url + "/b/1").status_code == 200
+
+
+def test_sighup_reload_changing_redis_is_refused_with_a_log_line(tmp_path: Path):
+    """On SIGHUP, a file changing `redis:` is refused: the old configuration stays and the log line names the key
+    and says to restart."""
+    with recording_upstream() as up:
+        path = tmp_path / "sidecar.yaml"
+        path.write_text(config(up.url, [route("a", "/a/**")]))
+        sc = SidecarProcess(path)
+        try:
+            changed = json.loads(config(up.url, [route("a", "/a/**"), route("d", "/d/**")]))
+            path.write_text(json.dumps({**changed, "redis": "redis://127.0.0.1:1/0"}))
+            sc.process.send_signal(signal.SIGHUP)
+            time.sleep(2.5)  # the SIGHUP and the file watcher both had their turn
+            assert httpx.get(sc.url + "/d/1").status_code == 404
+            assert httpx.get(sc.url + "/a/1").status_code == 200
+        finally:
+            sc.process.send_signal(signal.SIGTERM)
+            sc.process.wait(15)
+            log = sc.process.stderr.read().decode() if sc.process.stderr else ""
+            sc.stop()
+    refused = [line for line in log.splitlines() if "reload refused" in line]
+    assert refused, log
+    assert "redis: changing redis needs a restart" in refused[0]
+    assert "redis://" not in log  # the URL (it may carry a password) is never printed

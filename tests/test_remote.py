@@ -202,9 +202,9 @@ def test_value_is_url_encoded_into_the_url(sidecar, service):
     assert calls_for(app, "/valida_token")[0].query == {"token": token}
 
 
-def test_private_address_refused_unless_allowed(service):
-    """A validator on a literal loopback address is refused (SSRF) when the config loads, unless
-    `allow_private: true`; names resolving there are refused when called (test_adv_outbound)."""
+def test_private_address_allowed_unless_the_guard_is_on(service):
+    """A validator on a literal loopback address is the operator's own service: accepted when the config loads;
+    `allow_private: false` turns the SSRF guard on and refuses it (names resolving there: when called)."""
     from sidecar.config import parse
     from sidecar.yamlsource import ConfigError
 
@@ -212,11 +212,11 @@ def test_private_address_refused_unless_allowed(service):
     config = {"version": 1, "upstream": "http://127.0.0.1:1",
               "authenticators": {"private": {"type": "remote", "from": ["query:token"], "url": url + "/valida_token"}},
               "routes": [{"id": "private", "match": {"path": "/private/**"}, "auth": ["private"]}]}
+    assert parse(json.dumps(config), "sidecar.yaml", {}).config.routes[0].id == "private"
+    config["authenticators"]["private"]["allow_private"] = False
     with pytest.raises(ConfigError) as refused:
         parse(json.dumps(config), "sidecar.yaml", {})
-    assert "allow_private: true" in refused.value.errors[0]
-    config["authenticators"]["private"]["allow_private"] = True
-    assert parse(json.dumps(config), "sidecar.yaml", {}).config.routes[0].id == "private"
+    assert "allow_private: false" in refused.value.errors[0]
 
 
 def test_json_status_ok_gives_the_user_data_identity(sidecar, upstream, service):
@@ -289,16 +289,17 @@ def fake_dns(monkeypatch, answers: dict[str, list[str]]) -> None:
     monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
 
 
-def run_check(url: str) -> CheckResult:
+def run_check(url: str, allow_private: bool = False) -> CheckResult:
+    """One check with the address guard on (`allow_private: false`), unless told otherwise."""
     async def go() -> CheckResult:
         async with httpx.AsyncClient(trust_env=False) as http:
-            return await check(http, RemoteCheck(url=url), "good-1")
+            return await check(http, RemoteCheck(url=url, allow_private=allow_private), "good-1")
 
     return asyncio.run(go())
 
 
 def test_call_is_pinned_to_the_checked_address(monkeypatch, service):
-    """Without allow_private, the name is resolved once, checked, and the connection pinned; Host keeps the name."""
+    """With the guard on, the name is resolved once, checked, and the connection pinned; Host keeps the name."""
     app, url = service
     port = httpx.URL(url).port
     fake_dns(monkeypatch, {"validator.example": ["127.0.0.1"]})
@@ -311,7 +312,7 @@ def test_call_is_pinned_to_the_checked_address(monkeypatch, service):
 
 @pytest.mark.parametrize("addresses", [["10.0.0.5"], ["169.254.169.254"], ["93.184.215.14", "127.0.0.1"]])
 def test_name_resolving_to_an_internal_address_is_refused(monkeypatch, service, addresses):
-    """A public-looking name answering with any internal address is refused before connecting: 503."""
+    """Guard on: a public-looking name answering with any internal address is refused before connecting: 503."""
     app, _ = service
     fake_dns(monkeypatch, {"validator.example": addresses})
     with pytest.raises(DependencyUnavailable) as refused:

@@ -62,6 +62,7 @@ class ClientJwtConfig(Model):
 
 class ClientJwtAuthenticator:
     bearer = False
+    client_bound = True  # its identities are configured clients (sidecar.policy, sidecar.authz)
 
     def __init__(self, name: str, config: ClientJwtConfig, services: Any) -> None:
         self.name = name

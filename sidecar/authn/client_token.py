@@ -31,6 +31,7 @@ class ClientTokenAuthenticator:
     needs_body = False
     cacheable = True
     revocable = True  # its cached verdicts are dropped when revocations cannot be heard
+    client_bound = True  # its identities are configured clients (sidecar.policy, sidecar.authz)
     bearer = True
 
     def __init__(self, name: str, config: ClientTokenConfig, services: Any) -> None:

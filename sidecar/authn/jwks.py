@@ -1,11 +1,16 @@
 """An async JWKS cache: keys by `kid`, refreshed when a token names an unknown `kid`, at most once per
 `min_interval` (a flood of made-up `kid`s must not become a flood of fetches to the IdP), and refreshed
-in the background of a request when older than `max_age`. One fetch at a time."""
+in the background of a request when older than `max_age`. One fetch at a time.
+
+While no key could be fetched at all (the IdP down when the sidecar starts), `load_in_background` keeps trying
+on its own — 1 s, doubling to 30 s, with jitter — so the pod becomes ready without waiting for a request
+(a pod that is not ready gets none). `loaded` and `last_error` say where it stands (readiness, metrics)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from typing import Any
 
@@ -17,6 +22,8 @@ from sidecar.errors import DependencyUnavailable
 log = logging.getLogger("sidecar.jwks")
 
 EMPTY_RETRY = 2.0  # seconds between fetches while no key could be fetched at all
+BACKGROUND_FIRST = 1.0  # background retries while no key is loaded: 1 s, doubling up to BACKGROUND_MAX
+BACKGROUND_MAX = 30.0
 
 
 class JwksKeys:
@@ -32,6 +39,7 @@ class JwksKeys:
         self._attempted_at = -1e9
         self._inflight: asyncio.Future[None] | None = None
         self.fetches = 0
+        self.last_error: str | None = None  # why the last fetch failed (an exception type), None after a success
 
     @property
     def loaded(self) -> bool:
@@ -52,7 +60,8 @@ class JwksKeys:
             return [k for keys in self._keys.values() for k in keys]
         return list(self._keys.get(kid, ()))
 
-    async def refresh(self) -> None:
+    async def refresh(self, force: bool = False) -> None:
+        """Fetch the key set, at most once per interval unless `force` (the background loader's own backoff)."""
         if self._inflight is not None:
             await asyncio.shield(self._inflight)
             return
@@ -60,7 +69,7 @@ class JwksKeys:
         try:
             now = time.monotonic()
             interval = self._min_interval if self._keys else min(self._min_interval, EMPTY_RETRY)
-            if now - self._attempted_at < interval:
+            if not force and now - self._attempted_at < interval:
                 return
             self._attempted_at = now
             await self._fetch()
@@ -75,8 +84,10 @@ class JwksKeys:
             response.raise_for_status()
             keyset = jwt.PyJWKSet.from_dict(response.json())
         except Exception as exc:  # any failure keeps the keys we had; none at all is a 503 above
-            log.warning("jwks fetch from %s failed: %s", self.url, type(exc).__name__)
+            self.last_error = type(exc).__name__
+            log.warning("jwks fetch from %s failed: %s", self.url, self.last_error)
             return
+        self.last_error = None
         keys: dict[str | None, list[jwt.PyJWK]] = {}
         for key in keyset.keys:
             if key.public_key_use not in (None, "sig"):
@@ -84,3 +95,14 @@ class JwksKeys:
             keys.setdefault(key.key_id, []).append(key)
         self._keys = keys
         self._fetched_at = time.monotonic()
+
+    async def load_in_background(self, first: float = BACKGROUND_FIRST, longest: float = BACKGROUND_MAX) -> None:
+        """Until some key is loaded: wait, fetch, and wait longer (doubling, bounded, jittered so that replicas
+        restarted together do not retry in step). Requests may fetch meanwhile; they share the one fetch."""
+        delay = first
+        while not self.loaded:
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+            if self.loaded:
+                return
+            await self.refresh(force=True)
+            delay = min(longest, delay * 2)

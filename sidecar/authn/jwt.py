@@ -109,7 +109,7 @@ class JwtAuthenticator:
         self._algorithms = frozenset(config.allowed_algorithms())
         self._static_keys = [load_public_key(pem) for pem in config.keys or []]
         self._secret = config.secret.encode() if config.secret else None
-        self._jwks = JwksKeys(config.jwks_url, services.http) if config.jwks_url else None
+        self._jwks = _jwks_keys(config.jwks_url, services) if config.jwks_url else None
         self._services = services
         self._issuer = config.issuer
         self._audience = config.audience
@@ -173,3 +173,10 @@ class JwtAuthenticator:
             subject=str(subject), method=self.name, client=str(client) if client else None,
             scopes=scope_set, claims=claims, expires_at=float(exp),
         )
+
+
+def _jwks_keys(url: str, services: Any) -> JwksKeys:
+    """One key cache per JWKS URL, kept by the services across reloads (a reload while the IdP is down keeps the
+    keys it had); a bare `JwksKeys` where there are no such services (`sidecar explain`)."""
+    shared = getattr(services, "jwks_for", None)
+    return shared(url) if shared is not None else JwksKeys(url, services.http)

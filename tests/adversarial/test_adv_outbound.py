@@ -1,10 +1,12 @@
-"""Outbound safety (SSRF): webhook and validator destinations in every spelling of an internal address are refused
-unless `allow_private`, at `check` time where no DNS is needed and always at call time; validators never follow
-redirects (SECURITY.md promise 7)."""
+"""Outbound safety (SSRF): webhook destinations (hosts partners own) in every spelling of an internal address are
+refused unless `allow_private: true`, at `check` time where no DNS is needed and always at call time. URLs the
+operator wrote for validators are trusted destinations, internal ones included, unless the validator turns the
+same guard on with `allow_private: false`. Validators never follow redirects (SECURITY.md promise 7)."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -80,7 +82,7 @@ def test_a_name_with_one_internal_answer_is_refused_at_connect_time() -> None:
 
 
 def test_validator_pinning_refuses_a_name_resolving_to_loopback() -> None:
-    """`localhost` as a validator host without allow_private: refused before any connection."""
+    """`localhost` as a validator host with the guard on: refused before any connection."""
     with pytest.raises(PrivateAddress):
         asyncio.run(pinned_target("http://localhost:9/valida_token", False))
 
@@ -111,12 +113,60 @@ def test_check_refuses_internal_webhook_urls_unless_allow_private(url: str) -> N
 
 
 @pytest.mark.parametrize("url", URLS)
-def test_check_refuses_internal_validator_urls_unless_allow_private(url: str) -> None:
-    """A `remote` validator URL naming an internal address is a config error too (as for webhooks)."""
+def test_check_accepts_internal_validator_urls_unless_the_guard_is_on(url: str) -> None:
+    """A `remote` validator URL naming an internal address is accepted (the operator chose it); with
+    `allow_private: false` it is a config error, as a webhook's is by default."""
     remote = {"type": "remote", "from": ["query:token"], "url": url}
+    parse(config_with(remote), "f.yaml", {})
+    with pytest.raises(ConfigError) as refused:
+        parse(config_with({**remote, "allow_private": False}), "f.yaml", {})
+    assert any("allow_private: false" in error for error in refused.value.errors)
+
+
+def test_operator_services_on_loopback_work_by_default(tmp_path: Any, strict_upstream: StrictUpstream) -> None:  # noqa: F811
+    """A `remote` validator, a cookie `revalidate` service and the issuer's `credentials` service at 127.0.0.1,
+    none with allow_private: `sidecar check` passes and all three are called; a webhook there is still refused."""
+    import subprocess
+    import sys
+
+    import httpx
+
+    from sidecar.testing import KeyPair
+
+    calls: list[str] = []
+
+    async def service(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        while (await receive()).get("more_body"):
+            pass
+        calls.append(scope["path"])
+        body = b'{"status": "OK", "userData": {"login": "maria"}}' if scope["path"] == "/login" else b"1"
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % len(body))]})
+        await send({"type": "http.response.body", "body": body})
+
+    with serve_in_thread(service) as url:
+        assert url.startswith("http://127.0.0.1:")
+        config = json.loads(remote_sidecar_config(strict_upstream.url, url + "/valida?t={value}", True))
+        del config["authenticators"]["check"]["allow_private"]
+        config["authenticators"]["session"] = {"type": "cookie", "name": "SID", "revalidate": {"url": url + "/sessao"}}
+        config["routes"] = [{"id": "t", "match": {"path": "/t/**"}, "auth": ["check"]},
+                            {"id": "c", "match": {"path": "/c/**"}, "auth": ["session"]}]
+        config["clients"] = [{"id": "app", "secret": "sha256:" + hashlib.sha256(b"app-secret").hexdigest()}]
+        config["issuer"] = {"signing_key": KeyPair().private_pem, "credentials": {"url": url + "/login"}}
+        path = tmp_path / "sidecar.yaml"
+        path.write_text(json.dumps(config))
+        checked = subprocess.run([sys.executable, "-m", "sidecar", "check", "--config", str(path)],
+                                 capture_output=True, text=True, check=False)
+        assert checked.returncode == 0, checked.stderr
+        assert "plain http" not in checked.stderr  # loopback: the credential does not cross a network
+        with running_sidecar(json.dumps(config)) as sc:
+            assert get(sc.url, "/t/1?token=abc").status == 200
+            assert get(sc.url, "/c/1", [("Cookie", "SID=s1")]).status == 200
+            grant = httpx.post(sc.url + "/_sidecar/oauth2/token", auth=("app", "app-secret"),
+                               data={"grant_type": "password", "username": "maria", "password": "p"})
+            assert grant.status_code == 200, grant.text
+    assert calls == ["/valida", "/sessao", "/login"]
     with pytest.raises(ConfigError):
-        parse(config_with(remote), "f.yaml", {})
-    parse(config_with({**remote, "allow_private": True}), "f.yaml", {})
+        parse(config_with(webhook={"url": url + "/hooks"}), "f.yaml", {})
 
 
 @pytest.fixture
@@ -139,7 +189,8 @@ def remote_sidecar_config(upstream: str, url: str, allow_private: bool) -> str:
 def test_validator_on_an_internal_address_is_never_called(
     strict_upstream: StrictUpstream, internal: StrictUpstream, spelling: str,  # noqa: F811
 ) -> None:
-    """Without allow_private the validator call is refused in any spelling: 503, validator and upstream untouched."""
+    """With the guard on (allow_private: false) the validator call is refused in any spelling: 503, validator and
+    upstream untouched."""
     port = internal.url.rsplit(":", 1)[1]
     config = remote_sidecar_config(strict_upstream.url, f"http://{spelling}:{port}/valida?t={{value}}", False)
     try:

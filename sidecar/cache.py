@@ -26,6 +26,7 @@ from sidecar import errors
 from sidecar.authn.base import Identity
 from sidecar.errors import DependencyUnavailable, Refusal, Unauthenticated
 from sidecar.store import PREFIX
+from sidecar.timestamps import timestamp
 
 if TYPE_CHECKING:
     from sidecar.authn.base import Authenticator
@@ -85,18 +86,23 @@ class StoreVerdicts:
             return None
         data = json.loads(raw)
         now = time.time()
-        left = data["until"] - now
-        if left <= 0:
-            return None
-        age = max(0.0, now - data.get("at", now))
+        until = timestamp(data.get("until"))
+        if until is None or until <= now:
+            return None  # expired, or not a deadline we wrote: a miss
+        left = until - now
+        written = timestamp(data.get("at"))
+        age = max(0.0, now - (written if written is not None else now))
         if "refused" in data:
             refused = data["refused"]
             kind = _REFUSALS.get(refused["kind"], Unauthenticated)
             verdict: Verdict = Refused(kind(refused["description"], reason=refused["reason"], detail=refused["detail"]))
             return verdict, left, age
         i = data["identity"]
+        expires_at = timestamp(i["expires_at"])
+        if expires_at is None and i["expires_at"] is not None:
+            return None
         return Identity(subject=i["subject"], method=i["method"], client=i["client"], scopes=frozenset(i["scopes"]),
-                        claims=i["claims"], expires_at=i["expires_at"]), left, age
+                        claims=i["claims"], expires_at=expires_at), left, age
 
     async def put(self, key: bytes, verdict: Verdict, ttl: float) -> None:
         if isinstance(verdict, Refused):
@@ -237,7 +243,9 @@ class VerdictCache:
         ttl = getattr(auth, "cache_ttl", None)
         ttl = (self.ttl if ttl is None else ttl) - age
         if verdict.expires_at is not None:
-            ttl = min(ttl, verdict.expires_at - time.time())
+            expires_at = timestamp(verdict.expires_at)
+            # An expiry that is no timestamp caches nothing (min() with NaN would keep the full ttl).
+            ttl = 0.0 if expires_at is None else min(ttl, expires_at - time.time())
         return ttl
 
 

@@ -29,6 +29,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from sidecar.timestamps import timestamp
+
 __all__ = ["KEY_PREFIX", "InvalidKey", "KeyClaims", "Keyring", "canonical_ip", "keyring_for", "used_mark"]
 
 KEY_PREFIX = "ab_"
@@ -71,8 +73,12 @@ class KeyClaims:
     def unpack(cls, data: bytes) -> KeyClaims:
         try:
             raw: Any = json.loads(data)
-            return cls(user=str(raw["u"]), client=str(raw["c"]), issued_at=int(raw["t"]), ip=raw.get("i"),
-                       expires_at=raw.get("e"), single_use=bool(raw.get("s")), url_logout=raw.get("l"))
+            issued_at, expires_at = timestamp(raw["t"]), timestamp(raw.get("e"))
+            if issued_at is None or (expires_at is None and raw.get("e") is not None):
+                raise ValueError("not a timestamp")
+            return cls(user=str(raw["u"]), client=str(raw["c"]), issued_at=int(issued_at), ip=raw.get("i"),
+                       expires_at=None if expires_at is None else int(expires_at), single_use=bool(raw.get("s")),
+                       url_logout=raw.get("l"))
         except (ValueError, KeyError, TypeError, OverflowError, RecursionError):
             raise InvalidKey("malformed claims") from None
 

@@ -117,9 +117,10 @@ class KeyEndpoint:
         if len(tokens) > 1 or len(authorization) > 1:
             raise _bad("send the client credentials once")
         scheme, _, value = (authorization[0] if authorization else "").strip().partition(" ")
-        if tokens or scheme.lower() == "bearer":
-            token = tokens[0] if tokens else value.strip()
-            found = await self.services.client_tokens.lookup(token_hash(token)) if token else None
+        # A blank token is no credential (as for the authenticators, SPEC §3): the next method is tried.
+        token = (tokens[0] if tokens else "").strip() or (value.strip() if scheme.lower() == "bearer" else "")
+        if token:
+            found = await self.services.client_tokens.lookup(token_hash(token))
             if found is None or found[0] not in self.services.policy.clients:
                 raise _unauthorised("unknown or revoked client token")
             return found[0]

@@ -23,6 +23,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from sidecar.timestamps import timestamp
+
 __all__ = ["InvalidValue", "sign", "verify"]
 
 VERSION = "v1"
@@ -81,8 +83,8 @@ def verify(
         raise InvalidValue("malformed") from None
     if not isinstance(claims, dict):
         raise InvalidValue("malformed")
-    exp = claims.get("exp")
-    if not isinstance(exp, int | float) or isinstance(exp, bool) or not 0 < exp < 1e11:
+    exp = timestamp(claims.get("exp"))
+    if exp is None:
         # Required, and finite (JSON parsers accept Infinity): a value without a real expiry would live forever.
         raise InvalidValue("malformed")
     if fresh and exp <= (time.time() if now is None else now) - leeway:

@@ -1,8 +1,9 @@
 """`POST {prefix}/oauth2/token` (SPEC §6): the OAuth2 token endpoint (RFC 6749 §3.2).
 
 Parameters come form-encoded in the body (RFC 6749 §4.4.2); `grant_type` alone may also come in the query
-string, as TOTVS clients send it (seed 003) — nothing else may, so no secret ever travels in a URL. Every
-reply, success or error, carries `Cache-Control: no-store` and `Pragma: no-cache` (RFC 6749 §5.1).
+string, as TOTVS clients send it (seed 003), and then in the body too if with the same value — nothing else may,
+so no secret ever travels in a URL. Every reply, success or error, carries `Cache-Control: no-store` and
+`Pragma: no-cache` (RFC 6749 §5.1).
 Without `issuer.signing_key` there is no token endpoint: it answers 404 (SPEC §2, "absent: no token endpoint").
 """
 
@@ -72,7 +73,8 @@ def unknown_grant(grant_type: str | None) -> OAuthError:
 
 
 async def form_params(request: Request) -> dict[str, str]:
-    """The request's parameters. RFC 6749 §3.2: empty parameters are as if omitted, and none may repeat."""
+    """The request's parameters. RFC 6749 §3.2: empty parameters are as if omitted, and none may repeat (within
+    the body, or within the query string)."""
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
@@ -89,8 +91,19 @@ async def form_params(request: Request) -> dict[str, str]:
     if any(name != "grant_type" for name, _ in query):
         raise OAuthError("invalid_request", "only grant_type may be sent in the query string; send the rest "
                                             "form-encoded in the body")
+    params = _once(pairs)
+    for name, value in _once(query).items():
+        # A client pointed at `.../token?grant_type=client_credentials` (seed 003) may send grant_type in the body as
+        # well, as any OAuth2 library does: the same value twice is one parameter; two values are a conflict.
+        if params.setdefault(name, value) != value:
+            raise OAuthError("invalid_request", f"the parameter {name} has different values in the query string "
+                                                "and the body")
+    return params
+
+
+def _once(pairs: list[tuple[str, str]]) -> dict[str, str]:
     params: dict[str, str] = {}
-    for name, value in [*query, *pairs]:
+    for name, value in pairs:
         if not value:
             continue
         if name in params:

@@ -32,6 +32,7 @@ from sidecar.configtypes import Duration, Model
 from sidecar.egress import PrivateAddress, pinned_target
 from sidecar.errors import DependencyUnavailable
 from sidecar.netguard import forbidden_reason, literal_address, url_refusal
+from sidecar.timestamps import timestamp
 
 __all__ = ["CheckResult", "RemoteCheck", "check"]
 
@@ -292,9 +293,9 @@ def _read_introspection(cfg: RemoteCheck, body: bytes) -> CheckResult:
         raise _Malformed("active is not a boolean")  # RFC 7662 §2.2: REQUIRED, boolean
     if not active:
         return CheckResult(accepted=False, message="the token is not active")
-    exp = data.get("exp")
-    if exp is not None and (not isinstance(exp, int | float) or isinstance(exp, bool) or exp != exp):
-        raise _Malformed("exp is not a number")
+    exp = timestamp(data["exp"]) if "exp" in data else None
+    if "exp" in data and exp is None:
+        raise _Malformed("exp is not a timestamp")  # RFC 7662 §2.2: a NumericDate; Infinity would never expire
     if exp is not None and exp <= time.time():
         return CheckResult(accepted=False, message="the token has expired")
     scope = data.get("scope", "")
@@ -305,7 +306,7 @@ def _read_introspection(cfg: RemoteCheck, body: bytes) -> CheckResult:
         _subject(data, "sub", False) or _subject(data, "username", False))
     return CheckResult(
         accepted=True, subject=subject, client=str(client) if isinstance(client, str | int) else None,
-        scopes=frozenset(scope.split()), claims=data, expires_at=float(exp) if exp is not None else None,
+        scopes=frozenset(scope.split()), claims=data, expires_at=exp,
     )
 
 

@@ -16,6 +16,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
+import jwt
 import pytest
 
 from sidecar.testing import KeyPair, RecordingUpstream, recording_upstream
@@ -91,6 +92,16 @@ def b64url_json(value: dict[str, Any]) -> str:
     return b64url(json.dumps(value, separators=(",", ":")).encode())
 
 
+def sign_raw(keys: KeyPair, header: dict[str, Any] | str, payload: dict[str, Any] | str) -> str:
+    """A compact JWS signed by `keys` over exactly this header and payload, given as dicts or as JSON text.
+    PyJWT's encoder refuses odd headers (a non-string kid); `json.dumps` writes NaN and Infinity as such."""
+    header_text = header if isinstance(header, str) else json.dumps({"alg": keys.alg, **header})
+    payload_text = payload if isinstance(payload, str) else json.dumps(payload)
+    signing_input = f"{b64url(header_text.encode())}.{b64url(payload_text.encode())}"
+    signature = jwt.get_algorithm_by_name(keys.alg).sign(signing_input.encode(), keys.private_key)
+    return f"{signing_input}.{b64url(signature)}"
+
+
 def error_body(response: httpx.Response | RawResponse, status: int, error: str) -> dict[str, Any]:
     """Assert a JSON refusal (SPEC §5) and return its body."""
     assert response.status_code == status, response.text
@@ -113,12 +124,16 @@ class RawResponse:
         return self.content.decode("latin-1")
 
 
-def raw_request(base_url: str, target: str, headers: dict[str, str] | None = None, method: str = "GET") -> RawResponse:
-    """Send one request line exactly as given (no client library to normalise the target) and read the reply."""
+def raw_request(base_url: str, target: str, headers: dict[str, str] | None = None, method: str = "GET",
+                body: bytes | None = None) -> RawResponse:
+    """Send one request exactly as given (no client library to normalise the target or the header values) and read
+    the reply. A `body` is sent with its Content-Length."""
     parts = urlsplit(base_url)
     lines = [f"{method} {target} HTTP/1.1", f"Host: {parts.hostname}:{parts.port}", "Connection: close"]
     lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
-    data = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    if body is not None:
+        lines.append(f"Content-Length: {len(body)}")
+    data = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (body or b"")
     with socket.create_connection((parts.hostname, parts.port), timeout=10) as sock:
         sock.sendall(data)
         chunks = []

@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import jwt
 import pytest
-from conftest import b64url, b64url_json, config_text, error_body, make_config, route
+from conftest import b64url, b64url_json, config_text, error_body, make_config, raw_request, route, sign_raw
 from redis_support import redis_url  # noqa: F401  (fixture)
 
 from sidecar.testing import KeyPair, RecordingUpstream, RunningSidecar, SidecarProcess, running_sidecar
@@ -56,8 +56,10 @@ def sidecar_config(upstream: str, erp_keys: KeyPair, other_keys: KeyPair, redis:
         "erp_header": {"type": "client_jwt", "id_from": "header:X-Client-Id", "token_from": "header:X-Client-Jwt"},
         "erp_iss": {"type": "client_jwt", "id_from": "claim:iss", "token_from": "form.token"},
         "erp_once": {"type": "client_jwt", "replay": "deny"},
+        "partner_jwt": {"type": "jwt", "keys": [other_keys.public_pem]},
     }
     routes = [
+        route("chat", "/chat/**", ["partner_jwt", "erp_signed"]),
         route("support", SUPPORT, ["erp_signed"], max_body=4096),
         route("by_header", "/by-header/**", ["erp_header"]),
         route("by_iss", "/by-iss/**", ["erp_iss"]),
@@ -164,6 +166,10 @@ def _alg_none(keys: KeyPair) -> str:
     return f"{b64url_json({'alg': 'none', 'typ': 'JWT'})}.{b64url_json({**PERSON, 'iat': int(time.time())})}."
 
 
+def _raw(keys: KeyPair, header: dict[str, Any], **claims: Any) -> str:
+    return sign_raw(keys, header, {**PERSON, "iat": int(time.time()), **claims})
+
+
 REFUSED = {
     "another client's key": lambda erp, other: {"id": "3", "token": signed(other)},
     "own token under another client's id": lambda erp, other: {"id": "4", "token": signed(erp)},
@@ -179,6 +185,14 @@ REFUSED = {
     "alg none": lambda erp, other: {"id": "3", "token": _alg_none(erp)},
     "RS512 (not accepted)": lambda erp, other: {"id": "3", "token": signed(erp, alg="RS512")},
     "garbage token": lambda erp, other: {"id": "3", "token": "not.a.jwt"},
+    # RFC 7515 §4.1.11: no critical extension is understood, not even b64 (which PyJWT accepts when true).
+    "crit b64 true": lambda erp, other: {"id": "3", "token": _raw(erp, {"b64": True, "crit": ["b64"]})},
+    "crit unknown": lambda erp, other: {"id": "3", "token": _raw(erp, {"crit": ["urn:x"], "urn:x": 1})},
+    # A present timestamp must be a number (PyJWT reads "123" and true as numbers).
+    "exp null": lambda erp, other: {"id": "3", "token": _raw(erp, {}, exp=None)},
+    "nbf numeric string": lambda erp, other: {"id": "3", "token": _raw(erp, {}, nbf=str(int(time.time())))},
+    "nbf true": lambda erp, other: {"id": "3", "token": _raw(erp, {}, nbf=True)},
+    "iat infinity": lambda erp, other: {"id": "3", "token": _raw(erp, {}, iat=float("inf"))},
 }
 
 
@@ -193,6 +207,22 @@ def test_refused_and_upstream_untouched(sidecar: RunningSidecar, upstream: Recor
     assert "www-authenticate" not in response.headers
     assert body["token"] not in response.text
     assert upstream.received == []
+
+
+def test_blank_bearer_beside_the_body_token_passes_to_client_jwt(
+    sidecar: RunningSidecar, upstream: RecordingUpstream, erp_keys: KeyPair,
+) -> None:
+    """Seed 004's PHP client sends `Authorization: Bearer ` beside `{id, token}`: on a route with auth
+    [jwt, client_jwt] the blank Bearer is no jwt credential, so client_jwt reads the body and accepts (SPEC §3)."""
+    body = json.dumps({"id": "3", "notRedirect": True, "token": signed(erp_keys)}).encode()
+    headers = {"Authorization": "Bearer ", "Content-Type": "application/json"}
+    response = raw_request(sidecar.url, "/chat/contato", headers, method="POST", body=body)
+
+    assert response.status_code == 200, response.text
+    [got] = upstream.received
+    assert (got.header("x-auth-method"), got.header("x-auth-client")) == ("erp_signed", "3")
+    assert json.loads(got.body) == {"id": "3", "notRedirect": True}
+    assert "authorization" not in got.header_names()
 
 
 def test_missing_token_is_missing_credentials(sidecar: RunningSidecar, upstream: RecordingUpstream) -> None:

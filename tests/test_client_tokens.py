@@ -58,9 +58,11 @@ def sidecar(upstream, redis_url):  # noqa: F811
     {"X-Client-Token": PARTNER_TOKEN},
     {"Authorization": f"Bearer {PARTNER_TOKEN}"},
     {"Authorization": f"bearer {PARTNER_TOKEN}"},
-])
+    {"X-Client-Token": "", "Authorization": f"Bearer {PARTNER_TOKEN}"},
+], ids=["header", "bearer", "bearer_lower_case", "blank_header_then_bearer"])
 def test_token_accepted_and_never_forwarded(sidecar, upstream, headers):
-    """Header and Bearer forms are accepted; the upstream sees X-Auth-Client and never the token."""
+    """Header and Bearer forms are accepted (a blank X-Client-Token is no token: the Bearer one is read); the
+    upstream sees X-Auth-Client and never the token."""
     response = httpx.get(sidecar.url + "/api/v1/transactions/1?x=1", headers=headers)
     assert response.status_code == 200
     got = upstream.last
@@ -81,12 +83,13 @@ def test_route_outside_client_routes_is_403(sidecar, upstream):
     assert upstream.received == []
 
 
-@pytest.mark.parametrize("token", ["sct_unknown", "", "x" * 5000])
-def test_unknown_empty_or_oversized_token_is_401(sidecar, upstream, token):
-    """Unknown, empty and oversized tokens are refused with 401 and never echoed."""
+@pytest.mark.parametrize(("token", "error"), [("sct_unknown", "invalid_token"), ("", "missing_credentials"),
+                                            ("x" * 5000, "invalid_token")])
+def test_unknown_empty_or_oversized_token_is_401(sidecar, upstream, token, error):
+    """Unknown and oversized tokens are refused with 401 and never echoed; an empty one is no credential (SPEC §3)."""
     response = httpx.get(sidecar.url + "/api/v1/transactions/1", headers={"X-Client-Token": token})
     assert response.status_code == 401
-    assert response.json()["error"] == "invalid_token"
+    assert response.json()["error"] == error
     assert response.headers["www-authenticate"].startswith('Bearer realm="sidecar"')
     if token:
         assert token not in response.text

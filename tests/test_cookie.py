@@ -132,10 +132,10 @@ def test_signed_cookie_expired_or_tampered_is_401(sidecar, upstream, make, descr
 
 
 def test_existence_only_cookie_accepts_any_value(sidecar, upstream):
-    """`existence_only`: any non-empty value passes (and is removed); an empty one is refused."""
+    """`existence_only`: any non-empty value passes (and is removed); an empty one is no credential (SPEC §3)."""
     assert httpx.get(f"{sidecar.url}/legacy/a", headers={"Cookie": "LEGACY=anything; a=1"}).status_code == 200
     assert upstream.last.header("cookie") == "a=1"
-    error_body(httpx.get(f"{sidecar.url}/legacy/a", headers={"Cookie": "LEGACY="}), 401, "invalid_token")
+    error_body(httpx.get(f"{sidecar.url}/legacy/a", headers={"Cookie": "LEGACY="}), 401, "missing_credentials")
 
 
 def test_check_warns_on_existence_only(tmp_path):

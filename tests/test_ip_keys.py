@@ -151,10 +151,9 @@ def test_tampered_or_garbage_key_is_401(sidecar, upstream, make):
     assert upstream.received == []
 
 
-def test_empty_key_is_401(sidecar, upstream):
-    """`?key=` with nothing: 401 invalid_token."""
-    body = error_body(httpx.get(f"{sidecar.url}/pub/revista/?key="), 401, "invalid_token")
-    assert body["error_description"] == "the key is empty"
+def test_empty_key_is_no_key(sidecar, upstream):
+    """`?key=` with nothing is no key at all (SPEC §3): 401 missing_credentials."""
+    error_body(httpx.get(f"{sidecar.url}/pub/revista/?key="), 401, "missing_credentials")
     assert upstream.received == []
 
 
@@ -281,13 +280,16 @@ def test_key_endpoint_without_valid_client_credentials_is_401(sidecar, headers):
     assert response.headers["www-authenticate"] == 'Basic realm="sidecar"'
 
 
-@pytest.mark.parametrize("auth", ["token", "bearer", "basic"])
+@pytest.mark.parametrize("auth", ["token", "bearer", "basic", "blank_token_then_bearer", "blank_token_then_basic"])
 def test_key_endpoint_accepts_each_client_credential(sidecar, upstream, auth):
-    """X-Client-Token, Authorization: Bearer and HTTP Basic id/secret all authenticate the client."""
-    headers = {"token": {"X-Client-Token": CLIENT_TOKEN}, "bearer": {"Authorization": f"Bearer {CLIENT_TOKEN}"},
-               "basic": {}}[auth]
+    """X-Client-Token, Authorization: Bearer and HTTP Basic id/secret all authenticate the client; a blank
+    X-Client-Token is no token, so the next method is used."""
+    bearer = {"Authorization": f"Bearer {CLIENT_TOKEN}"}
+    headers = {"token": {"X-Client-Token": CLIENT_TOKEN}, "bearer": bearer, "basic": {},
+               "blank_token_then_bearer": {"X-Client-Token": "", **bearer},
+               "blank_token_then_basic": {"X-Client-Token": ""}}[auth]
     response = httpx.post(sidecar.url + "/_sidecar/keys", json={"user": "ana", "expiry_minutes": 3}, headers=headers,
-                          auth=("01400-2", CLIENT_SECRET) if auth == "basic" else None)
+                          auth=("01400-2", CLIENT_SECRET) if auth.endswith("basic") else None)
     assert response.status_code == 200
     assert httpx.get(f"{sidecar.url}/pub/a?key={response.json()['key']}").status_code == 200
     assert upstream.last.header("x-auth-subject") == "ana"

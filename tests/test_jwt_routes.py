@@ -29,6 +29,7 @@ from conftest import (
     mint,
     raw_request,
     route,
+    sign_raw,
     wait_for,
 )
 
@@ -140,6 +141,25 @@ def _oversized(keys: KeyPair, stranger: KeyPair) -> str:
     return mint(keys, padding="x" * 20_000)
 
 
+def good_claims(**overrides: Any) -> dict[str, Any]:
+    """Claims this suite's routes accept, for tokens signed with `sign_raw`."""
+    now = int(time.time())
+    return {"sub": "admin", "iss": ISSUER, "aud": AUDIENCE, "scope": "read", "iat": now, "exp": now + 300, **overrides}
+
+
+def _with_header(**header: Any) -> Callable[[KeyPair, KeyPair], str]:
+    """A token signed by the trusted key, with good claims and these header members."""
+    return lambda keys, stranger: sign_raw(keys, header, good_claims())
+
+
+def _signature_with_spare_bits_set(keys: KeyPair, stranger: KeyPair) -> str:
+    """The last base64url character of a 256-byte signature carries 4 unused bits (RFC 4648 §3.5): setting them
+    gives another spelling of the same signature, which PyJWT refuses; so must we (a token has no twin)."""
+    token = mint(keys)
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    return token[:-1] + alphabet[alphabet.index(token[-1]) | 1]
+
+
 REFUSED_TOKENS: list[tuple[str, Callable[[KeyPair, KeyPair], str]]] = [
     ("garbage", lambda keys, stranger: "not-a-jwt"),
     ("three_garbage_parts", lambda keys, stranger: "aaa.bbb.ccc"),
@@ -158,6 +178,16 @@ REFUSED_TOKENS: list[tuple[str, Callable[[KeyPair, KeyPair], str]]] = [
     ("signature_stripped", _signature_stripped),
     ("signature_of_another_token", _signature_of_another_token),
     ("oversized_20kb", _oversized),
+    # RFC 7515 §4.1.11: a critical extension the verifier does not understand refuses the token; we understand none.
+    ("crit_unknown_extension", _with_header(crit=["urn:x-ext"], **{"urn:x-ext": 1})),
+    ("crit_b64_false_rfc7797", _with_header(b64=False, crit=["b64"])),
+    ("crit_b64_true", _with_header(b64=True, crit=["b64"])),
+    ("crit_empty", _with_header(crit=[])),
+    ("b64_false_without_crit", _with_header(b64=False)),
+    ("kid_not_a_string", _with_header(kid=7)),
+    ("typ_not_a_string", _with_header(typ=["JWT"])),
+    ("key_embedded_in_header", lambda keys, stranger: sign_raw(stranger, {"jwk": stranger.jwk}, good_claims())),
+    ("signature_spare_bits_set", _signature_with_spare_bits_set),
 ]
 
 
@@ -209,14 +239,26 @@ def test_missing_token_is_refused_with_401(
     assert upstream.received == []
 
 
-def test_empty_bearer_token_is_refused(sidecar: RunningSidecar, upstream: RecordingUpstream) -> None:
-    """`Authorization: Bearer` with nothing after it is refused (either 401 kind: SPEC §5 leaves it open)."""
+def test_empty_bearer_token_is_no_credential(sidecar: RunningSidecar, upstream: RecordingUpstream) -> None:
+    """`Authorization: Bearer` with nothing after it is no credential: 401 missing_credentials (SPEC §3)."""
     response = raw_request(sidecar.url, "/api/x", {"Authorization": "Bearer "})
 
-    assert response.status_code == 401
-    assert json.loads(response.content)["error"] in ("invalid_token", "missing_credentials")
-    assert response.headers["www-authenticate"].startswith('Bearer realm="sidecar"')
+    error_body(response, 401, "missing_credentials")
+    assert response.headers["www-authenticate"] == 'Bearer realm="sidecar"'
     assert upstream.received == []
+
+
+@pytest.mark.parametrize("authorization", ["Bearer ", "Bearer", "bearer \t "])
+def test_blank_bearer_passes_to_the_next_source(sidecar: RunningSidecar, upstream: RecordingUpstream,
+                                                idp_keys: KeyPair, authorization: str) -> None:
+    """A blank Bearer token is as if absent: the token in ?access_token= (the next source) is read and accepted."""
+    token = mint(idp_keys, sub="from-query")
+    response = raw_request(sidecar.url, f"/api/x?access_token={token}", {"Authorization": authorization})
+
+    assert response.status_code == 200, response.text
+    [got] = upstream.received
+    assert got.header("x-auth-subject") == "from-query"
+    assert "authorization" not in got.header_names() and got.query == ""
 
 
 def test_duplicated_token_is_refused(sidecar: RunningSidecar, upstream: RecordingUpstream, idp_keys: KeyPair,
@@ -263,6 +305,23 @@ def test_malformed_claims_are_refused_with_401_never_500(
 ) -> None:
     """A well-signed token with a claim of the wrong type is a 401 invalid_token, never a 500."""
     response = http.get(sidecar.url + "/api/x", headers=bearer(mint(idp_keys, **claims)))
+
+    error_body(response, 401, "invalid_token")
+    assert upstream.received == []
+
+
+@pytest.mark.parametrize("claims", [
+    {"exp": None}, {"nbf": None}, {"iat": None},
+    {"exp": float("nan")}, {"exp": float("inf")}, {"nbf": float("inf")}, {"iat": float("-inf")},
+    {"exp": "2000000000"}, {"nbf": True}, {"iat": False}, {"exp": 10**30}, {"iat": 10**400},
+], ids=["exp_null", "nbf_null", "iat_null", "exp_nan", "exp_infinity", "nbf_infinity", "iat_minus_infinity",
+        "exp_numeric_string", "nbf_true", "iat_false", "exp_huge", "iat_huge"])
+def test_timestamp_claims_that_are_not_numbers_are_refused_never_500(
+    sidecar: RunningSidecar, upstream: RecordingUpstream, idp_keys: KeyPair, http: httpx.Client,
+    claims: dict[str, Any],
+) -> None:
+    """A present exp, nbf or iat that is null, a string, a bool, NaN, ±Infinity or huge: 401 invalid_token."""
+    response = http.get(sidecar.url + "/api/x", headers=bearer(sign_raw(idp_keys, {}, good_claims(**claims))))
 
     error_body(response, 401, "invalid_token")
     assert upstream.received == []
@@ -387,6 +446,20 @@ def test_audit_lines_record_decisions_and_never_the_token(
         for part in token.split("."):
             assert part not in text
     assert "access_token" not in text
+
+
+def test_null_exp_is_audited_as_a_refusal(sidecar: RunningSidecar, idp_keys: KeyPair, http: httpx.Client) -> None:
+    """`"exp": null` is an ordinary refusal with its audit line (it was a 500 with none)."""
+    request_id = f"audit-null-exp-{uuid.uuid4().hex[:8]}"
+    with captured_audit(sidecar) as buffer:
+        response = http.get(sidecar.url + "/api/x", headers={
+            **bearer(sign_raw(idp_keys, {}, good_claims(exp=None))), "X-Request-Id": request_id})
+        wait_for(lambda: _audit_lines(buffer, {request_id}))
+        lines = _audit_lines(buffer, {request_id})
+
+    assert response.status_code == 401
+    assert {k: lines[request_id].get(k) for k in ("decision", "reason", "status")} == {
+        "decision": "deny", "reason": "invalid_token", "status": 401}
 
 
 # -- JWKS (SPEC §3: cached, refreshed on unknown kid, rate-limited) ---------------------------------------------
@@ -547,3 +620,19 @@ def test_reload_while_the_idp_is_down_keeps_the_keys(upstream: RecordingUpstream
         response = http.get(sc.url + "/more/x", headers=bearer(mint(idp_keys, sub="after")))
     assert response.status_code == 200
     assert [r.header("x-auth-subject") for r in upstream.received] == ["before", "after"]
+
+
+def test_key_urls_in_a_token_are_never_fetched(sidecar: RunningSidecar, upstream: RecordingUpstream,
+                                              idp_keys: KeyPair, stranger_keys: KeyPair, http: httpx.Client) -> None:
+    """`jku` and `x5u` are ignored: a good token naming them passes, a stranger's is refused, the URLs are never
+    fetched (keys come from the configuration only)."""
+    server = JwksServer(stranger_keys.jwks())
+    with serve_in_thread(server) as url:
+        header = {"jku": url + "/jwks.json", "x5u": url + "/cert.pem", "kid": stranger_keys.kid}
+        good = http.get(sidecar.url + "/api/x", headers=bearer(sign_raw(idp_keys, header, good_claims())))
+        forged = http.get(sidecar.url + "/api/x", headers=bearer(sign_raw(stranger_keys, header, good_claims())))
+
+    assert good.status_code == 200
+    error_body(forged, 401, "invalid_token")
+    assert len(upstream.received) == 1
+    assert server.gets == 0

@@ -66,6 +66,9 @@ async def answer(call: Call):
             return 200, {"active": True, "sub": "u-1", "exp": int(time.time()) - 5}
         if token == "weird":
             return 200, {"active": "yes"}
+        if token.startswith("exp-"):  # an exp that is not a timestamp (json.dumps writes Infinity and NaN)
+            exp = {"infinity": float("inf"), "nan": float("nan"), "null": None, "text": "tomorrow"}[token[4:]]
+            return 200, {"active": True, "sub": "u-1", "exp": exp}
         return 200, {"active": False}
     return 404, "not found"
 
@@ -265,9 +268,11 @@ def test_introspection_active_token(sidecar, upstream, service):
     assert call.headers["authorization"] == "Basic " + base64.b64encode(b"sidecar:s3cret%3Ax").decode()
 
 
-@pytest.mark.parametrize(("token", "status"), [("bad", 401), ("expired", 401), ("weird", 503)])
+@pytest.mark.parametrize(("token", "status"), [("bad", 401), ("expired", 401), ("weird", 503), ("exp-infinity", 503),
+                                             ("exp-nan", 503), ("exp-null", 503), ("exp-text", 503)])
 def test_introspection_inactive_expired_or_malformed(sidecar, upstream, token, status):
-    """`active: false` and an `exp` in the past are 401; an `active` that is not a boolean is 503."""
+    """`active: false` and an `exp` in the past are 401; an `active` that is not a boolean, or an `exp` that is not
+    a timestamp (Infinity would never expire), is a malformed answer: 503."""
     response = httpx.get(f"{sidecar.url}/introspect/x", headers={"Authorization": f"Bearer {token}"})
     error_body(response, status, "invalid_token" if status == 401 else "dependency_unavailable")
     if status == 401:

@@ -141,6 +141,16 @@ def test_grant_type_in_the_query_string_as_totvs_sends_it(sidecar: RunningSideca
     assert verify_with_jwks(sidecar, response.json()["access_token"])["sub"] == "totvs"
 
 
+def test_grant_type_in_the_query_and_the_same_in_the_body(sidecar: RunningSidecar) -> None:
+    """Seed 003's URL used by a standard OAuth2 client, which also puts grant_type in the form body: accepted."""
+    response = token_request(sidecar, {"grant_type": "client_credentials", "scope": "/btb"},
+                             auth=("totvs", TOTVS_SECRET), query="?grant_type=client_credentials")
+
+    assert response.status_code == 200, response.text
+    assert response.json()["scope"] == "/btb"
+    assert verify_with_jwks(sidecar, response.json()["access_token"])["sub"] == "totvs"
+
+
 def test_client_credentials_in_the_form(sidecar: RunningSidecar) -> None:
     """RFC 6749 §2.3.1: client_id and client_secret in the form body are accepted too."""
     response = token_request(sidecar, {"grant_type": "client_credentials", "client_id": "totvs",
@@ -206,11 +216,15 @@ def test_requested_scope_subset_is_granted(sidecar: RunningSidecar) -> None:
 @pytest.mark.parametrize(("query", "content", "content_type"), [
     ("?client_secret=x", b"grant_type=client_credentials", "application/x-www-form-urlencoded"),
     ("", b'{"grant_type": "client_credentials"}', "application/json"),
-    ("?grant_type=client_credentials", b"grant_type=client_credentials", "application/x-www-form-urlencoded"),
-])
+    ("?grant_type=client_credentials", b"grant_type=password", "application/x-www-form-urlencoded"),
+    ("", b"grant_type=client_credentials&grant_type=client_credentials", "application/x-www-form-urlencoded"),
+    ("?grant_type=client_credentials&grant_type=client_credentials", b"", "application/x-www-form-urlencoded"),
+    ("", b"grant_type=client_credentials&scope=/btb&scope=/btb", "application/x-www-form-urlencoded"),
+], ids=["secret_in_query", "json_body", "query_and_body_disagree", "repeated_in_body", "repeated_in_query",
+        "scope_repeated_in_body"])
 def test_malformed_requests_are_invalid_request(sidecar: RunningSidecar, query: str, content: bytes,
                                                 content_type: str) -> None:
-    """A secret in the URL, a JSON body, a repeated parameter: 400 invalid_request."""
+    """A secret in the URL, a JSON body, a parameter repeated in the body or with two values: 400 invalid_request."""
     response = httpx.post(f"{sidecar.url}/_sidecar/oauth2/token{query}", content=content,
                           headers={"Content-Type": content_type}, auth=("totvs", TOTVS_SECRET))
 

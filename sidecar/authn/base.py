@@ -62,18 +62,18 @@ def bearer_token(value: str) -> str | None:
 
 def read_first(request: RequestView, sources: Iterable[Source], *, bearer_authorization: bool = True) -> str | None:
     """The credential from the first source that has one. Two copies in one place are refused: proxies and
-    backends disagree on which copy wins (Starlette keeps the last, many backends the first)."""
+    backends disagree on which copy wins (Starlette keeps the last, many backends the first). A blank value
+    (`Authorization: Bearer `, `X-Client-Token:`, `?access_token=`) is no credential: the next source, then the
+    next authenticator, is tried (SPEC §3). Seed 004's PHP client sends `Bearer ` beside its body token."""
     for source in sources:
         values = request.values(source)
         if not values:
             continue
         if len(values) > 1:
             raise BadRequest(f"the credential appears more than once in {source}; send it once")
-        value = values[0]
+        value: str | None = values[0]
         if bearer_authorization and source.kind == "header" and source.name == "authorization":
-            token = bearer_token(value)
-            if token is None:
-                continue  # another scheme (e.g. Basic): not a credential of this kind
-            return token
-        return value
+            value = bearer_token(values[0])  # None: another scheme (e.g. Basic), not a credential of this kind
+        if value is not None and value.strip():
+            return value
     return None

@@ -10,15 +10,14 @@ has no `exp` (the seed's tokens carry only `iat`); `replay: deny` refuses a `jti
 from __future__ import annotations
 
 import hashlib
-import math
 import time
 from typing import Any, Literal
 
-import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from pydantic import Field, field_validator
 
 from sidecar.authn.base import Identity, fingerprint, read_first
+from sidecar.authn.jws import Lifetime, Token, check_claims
 from sidecar.configtypes import CredentialSource, Duration, Model, Source, parse_source
 from sidecar.errors import Unauthenticated
 from sidecar.request import RequestView
@@ -78,9 +77,6 @@ class ClientJwtAuthenticator:
         self.bearer = config.token_from == parse_source("header:Authorization")
         self._algorithms = frozenset(config.algorithms)
         self._services = services
-        self._options: dict[str, Any] = {"require": [], "verify_aud": config.audience is not None}
-        if config.audience is not None:
-            self._options["require"] = ["aud"]
 
     def credential(self, request: RequestView) -> str | None:
         token = read_first(request, self.sources)
@@ -97,9 +93,14 @@ class ClientJwtAuthenticator:
             raise Unauthenticated("the token is empty", detail="empty")
         if len(token) > self.config.max_token_size:
             raise Unauthenticated("the token is too large", detail="oversized")
-        alg = self._algorithm(token)
+        parsed = Token(token)
+        alg = parsed.header.get("alg")
+        if not isinstance(alg, str) or alg not in self._algorithms:
+            raise Unauthenticated("the token's signing algorithm is not accepted", detail=f"alg {str(alg)[:16]!r}")
         if self._id_claim is not None:
-            client_id = self._unverified_claim(token, self._id_claim)
+            # Read only to pick the key; the same claim is checked again once the signature verified.
+            value = parsed.unverified_claims().get(self._id_claim)
+            client_id = value if isinstance(value, str) else ""
         if not client_id:
             raise Unauthenticated("the client id is missing", detail="missing id")
         client = self._services.policy.clients.get(client_id)
@@ -109,10 +110,11 @@ class ClientJwtAuthenticator:
             raise Unauthenticated("unknown client, or no public key is registered for it", detail=detail)
         if not isinstance(key, _KEY_TYPE[alg]):
             raise Unauthenticated("the token's algorithm does not fit the client's key", detail=f"alg {alg} vs key")
-        claims = self._decode(token, key, alg)
+        claims = parsed.verify(alg, [key])
         if self._id_claim is not None and str(claims.get(self._id_claim)) != client_id:
             raise Unauthenticated("the token's client claim changed", detail="claim mismatch")
-        expires_at = self._fresh_until(claims)
+        lifetime = check_claims(claims, leeway=self.config.leeway, audience=self.config.audience, require_exp=False)
+        expires_at = self._fresh_until(lifetime)
         if self.config.replay == "deny":
             await self._first_use(client_id, claims, expires_at)
         subject = claims.get(self.config.subject_claim) or claims.get("sub") or client_id
@@ -121,55 +123,15 @@ class ClientJwtAuthenticator:
             expires_at=expires_at,
         )
 
-    def _algorithm(self, token: str) -> str:
-        try:
-            header = jwt.get_unverified_header(token)
-        except Exception:
-            raise Unauthenticated("the token is not a well-formed JWT", detail="malformed") from None
-        alg = header.get("alg")
-        if not isinstance(alg, str) or alg not in self._algorithms:
-            raise Unauthenticated("the token's signing algorithm is not accepted", detail=f"alg {str(alg)[:16]!r}")
-        return alg
-
-    @staticmethod
-    def _unverified_claim(token: str, name: str) -> str:
-        """Read only to pick the key; the same claim is checked again once the signature verified."""
-        try:
-            value = jwt.decode(token, options={"verify_signature": False}).get(name)
-        except Exception:
-            raise Unauthenticated("the token is not a well-formed JWT", detail="malformed") from None
-        return value if isinstance(value, str) else ""
-
-    def _decode(self, token: str, key: Any, alg: str) -> dict[str, Any]:
-        try:
-            return jwt.decode(token, key, algorithms=[alg], audience=self.config.audience,
-                              leeway=self.config.leeway, options=self._options)  # type: ignore[arg-type]
-        except jwt.ExpiredSignatureError:
-            raise Unauthenticated("the token has expired", detail="expired") from None
-        except jwt.ImmatureSignatureError:
-            raise Unauthenticated("the token is not valid yet", detail="immature") from None
-        except jwt.InvalidAudienceError:
-            raise Unauthenticated("the token is not meant for this audience", detail="audience") from None
-        except jwt.MissingRequiredClaimError as exc:
-            raise Unauthenticated(f"the token lacks the {exc.claim} claim", detail="missing claim") from None
-        except Exception as exc:  # every verifier failure is a 401, never a 500
-            raise Unauthenticated("the token's signature or form is invalid", detail=type(exc).__name__) from None
-
-    def _fresh_until(self, claims: dict[str, Any]) -> float:
+    def _fresh_until(self, lifetime: Lifetime) -> float:
         """Until when the token may be used: its `exp`, else `iat` + `max_age` (both with `leeway`)."""
-        leeway, now = self.config.leeway, time.time()
-        exp, iat = claims.get("exp"), claims.get("iat")
-        if exp is not None:
-            if not _number(exp) or exp > 1e11:
-                raise Unauthenticated("the token's expiry is invalid", detail="exp")
-            return float(exp) + leeway
-        if not _number(iat):
+        if lifetime.exp is not None:
+            return lifetime.exp + self.config.leeway
+        if lifetime.iat is None:
             raise Unauthenticated("the token has neither exp nor iat; sign it with iat", detail="no iat")
-        if iat > now + leeway:
-            raise Unauthenticated("the token was issued in the future", detail="iat")
-        if iat < now - self.config.max_age - leeway:
+        if lifetime.iat < time.time() - self.config.max_age - self.config.leeway:
             raise Unauthenticated("the token is too old; sign a new one for each request", detail="max_age")
-        return float(iat) + self.config.max_age + leeway
+        return lifetime.iat + self.config.max_age + self.config.leeway
 
     async def _first_use(self, client_id: str, claims: dict[str, Any], fresh_until: float) -> None:
         jti = claims.get("jti")
@@ -180,6 +142,3 @@ class ClientJwtAuthenticator:
         if not await self._services.store.set(f"{PREFIX}jti:{mark}", "1", ttl, only_new=True):
             raise Unauthenticated("the token was already used", detail="replayed jti")
 
-
-def _number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)

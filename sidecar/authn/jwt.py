@@ -133,14 +133,15 @@ class JwtAuthenticator:
         alg = header.get("alg")
         if not isinstance(alg, str) or alg not in self._algorithms:
             raise Unauthenticated("the token's signing algorithm is not accepted", detail=f"alg {alg!r}")
-        kid = header.get("kid")
-        keys = await self._keys(alg, kid if isinstance(kid, str) else None)
+        kid = header.get("kid")  # a string or absent: Token refuses any other kid
+        keys = await self._keys(alg, kid)
         if not keys:
             raise Unauthenticated("no key is known for this token", detail=f"unknown kid {kid!r}")
         claims = token.verify(alg, keys)
-        check_claims(claims, leeway=self.config.leeway, issuer=self._issuer, audience=self._audience,
-                     required=self.config.required_claims)
-        return self._identity(claims)
+        lifetime = check_claims(claims, leeway=self.config.leeway, issuer=self._issuer, audience=self._audience,
+                                required=self.config.required_claims)
+        assert lifetime.exp is not None  # exp is required
+        return self._identity(claims, lifetime.exp)
 
     async def _keys(self, alg: str, kid: str | None) -> list[Any]:
         if alg in SYMMETRIC:
@@ -154,10 +155,7 @@ class JwtAuthenticator:
             keys += [k.key for k in await self._jwks.keys_for(kid) if isinstance(k.key, wanted)]
         return keys
 
-    def _identity(self, claims: dict[str, Any]) -> Identity:
-        exp = claims["exp"]
-        if exp > 1e11:
-            raise Unauthenticated("the token's expiry is invalid", detail="exp")
+    def _identity(self, claims: dict[str, Any], exp: float) -> Identity:
         scopes = claims.get("scope", claims.get("scp", ""))
         if isinstance(scopes, str):
             scope_set = frozenset(scopes.split())
@@ -171,7 +169,7 @@ class JwtAuthenticator:
             raise Unauthenticated("the token's sub or client_id claim is malformed", detail="sub")
         return Identity(
             subject=str(subject), method=self.name, client=str(client) if client else None,
-            scopes=scope_set, claims=claims, expires_at=float(exp),
+            scopes=scope_set, claims=claims, expires_at=exp,
         )
 
 

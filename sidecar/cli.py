@@ -6,8 +6,8 @@ import argparse
 import os
 import sys
 
-from sidecar.config import config_path, load
-from sidecar.yamlsource import ConfigError
+from sidecar.config.model import config_path, load
+from sidecar.config.yaml_lines import ConfigError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,8 +59,8 @@ def _load_or_report(path: str):  # type: ignore[no-untyped-def]
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from sidecar.forward import transport_kind
-    from sidecar.server import ListenError, run
+    from sidecar.proxy.transports.base import transport_kind
+    from sidecar.server.runner import ListenError, run
 
     path = config_path(args.config)
     if _load_or_report(path) is None:
@@ -96,7 +96,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_token(args: argparse.Namespace) -> int:
-    from sidecar.client_tokens import new_token, token_hash
+    from sidecar.state.client_token_store import new_token, token_hash
 
     token = new_token()
     print(f"token (shown once; give it to client {args.client}): {token}")
@@ -122,7 +122,7 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from sidecar.explain import explain
+    from sidecar.proxy.explain import explain
 
     loaded = _load_or_report(config_path(args.config))
     if loaded is None:

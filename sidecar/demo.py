@@ -72,9 +72,9 @@ async def _validator(scope: dict[str, Any], receive: Any, send: Any) -> None:
 
 
 def run_demo(argv: list[str] | None = None) -> int:
-    from sidecar.client_tokens import new_token, token_hash
     from sidecar.echo import EchoApp
-    from sidecar.server import Serving, bind
+    from sidecar.server.runner import Serving, bind
+    from sidecar.state.client_token_store import new_token, token_hash
     from sidecar.testing import KeyPair, serve_in_thread
 
     self_test = "--self-test" in (argv if argv is not None else sys.argv)

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from sidecar.echo import EchoApp, Received
-from sidecar.signing import public_jwk
+from sidecar.issuer.signing_keys import public_jwk
 
 __all__ = ["KeyPair", "Received", "RecordingUpstream", "RunningSidecar", "SidecarProcess", "delete_sidecar_keys",
            "free_port", "recording_upstream", "redis_url_for_tests", "running_sidecar", "serve_in_thread"]
@@ -141,7 +141,7 @@ class RunningSidecar:
 @contextlib.contextmanager
 def running_sidecar(config: str | dict[str, Any], *, directory: str | None = None) -> Iterator[RunningSidecar]:
     """Run a sidecar with this configuration (YAML text or a dict) on loopback ports in a background thread."""
-    from sidecar.server import Serving, bind
+    from sidecar.server.runner import Serving, bind
 
     text = config if isinstance(config, str) else json.dumps(config)
     with tempfile.TemporaryDirectory(dir=directory) as tmp:

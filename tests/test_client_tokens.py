@@ -14,7 +14,7 @@ import httpx
 import pytest
 from redis_support import redis_url  # noqa: F401  (fixture)
 
-from sidecar.client_tokens import new_token, token_hash
+from sidecar.state.client_token_store import new_token, token_hash
 from sidecar.testing import SidecarProcess, free_port, recording_upstream, running_sidecar
 
 ADMIN = "test-admin-token-0123456789abcdef"

@@ -12,7 +12,7 @@ import jwt
 import pytest
 from conftest import config_text, make_config, route
 
-from sidecar.client_tokens import new_token, token_hash
+from sidecar.state.client_token_store import new_token, token_hash
 from sidecar.testing import KeyPair, RecordingUpstream, RunningSidecar, running_sidecar
 
 ISSUER = "https://sidecar.test"

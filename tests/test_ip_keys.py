@@ -15,7 +15,7 @@ import pytest
 from conftest import error_body
 from redis_support import redis_url  # noqa: F401  (fixture)
 
-from sidecar.client_tokens import new_token, token_hash
+from sidecar.state.client_token_store import new_token, token_hash
 from sidecar.testing import running_sidecar
 
 SECRET = "test-keys-secret-0123456789abcdef-0123456789"
@@ -319,7 +319,7 @@ def test_key_issued_event_never_holds_the_key(sidecar):
     async def sink(event: str, data: dict) -> None:
         events.append((event, data))
 
-    sidecar.services.events.add_sink(sink)
+    sidecar.runtime.events.add_sink(sink)
     key = issue(sidecar, user="joao", ip="127.0.0.1", single_use=True)
     issue(sidecar, user="ana", expiry_minutes=10)
     assert events[0] == ("key.issued", {"client": "01400-2", "user": "joao", "single_use": True, "expires_at": None})

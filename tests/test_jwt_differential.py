@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 
 from sidecar.authn.jwt import JwtAuthenticator, JwtConfig
 from sidecar.errors import Unauthenticated
-from sidecar.signing import IDENTITY_TOKEN_TYPE
+from sidecar.issuer.signing_keys import IDENTITY_TOKEN_TYPE
 
 with warnings.catch_warnings():  # as in test_properties.py: hypothesis's patch writer warns on import
     warnings.simplefilter("ignore", DeprecationWarning)

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from sidecar.netguard import UnsafeDestination, delivery_client, forbidden_reason, literal_address, url_refusal
+from sidecar.outbound.guard import UnsafeDestination, delivery_client, forbidden_reason, literal_address, url_refusal
 from sidecar.testing import free_port, serve_in_thread
 
 LOOPBACK = "loopback"

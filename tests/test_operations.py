@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from sidecar.client_tokens import new_token, token_hash
+from sidecar.state.client_token_store import new_token, token_hash
 from sidecar.testing import KeyPair, SidecarProcess, free_port, recording_upstream, running_sidecar, serve_in_thread
 
 ADMIN = "ops-admin-token-0123456789abcdef"

@@ -9,7 +9,7 @@ import pytest
 from conftest import bearer, config_text, error_body, jwt_authenticator, make_config, mint, raw_request, route
 
 from sidecar.errors import BadRequest
-from sidecar.routing import normalise_path
+from sidecar.proxy.routing import normalise_path
 from sidecar.testing import KeyPair, RecordingUpstream, RunningSidecar, running_sidecar
 
 

@@ -12,7 +12,7 @@ import httpx
 import pytest
 from validator_support import Call, validator
 
-from sidecar.client_tokens import new_token, token_hash
+from sidecar.state.client_token_store import new_token, token_hash
 from sidecar.testing import running_sidecar
 
 POLICIES = Path(__file__).resolve().parent.parent / "policies"

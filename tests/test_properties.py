@@ -15,13 +15,13 @@ import warnings
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from sidecar.config import parse
+from sidecar.authn.hmac_values import InvalidValue, sign, verify
+from sidecar.authn.ip_key_sealing import InvalidKey, KeyClaims, Keyring
+from sidecar.config.model import parse
+from sidecar.config.yaml_lines import ConfigError
 from sidecar.errors import BadRequest
-from sidecar.ip_keys import InvalidKey, KeyClaims, Keyring
-from sidecar.routing import glob_to_regex, matching_path, normalise_path
-from sidecar.signed_values import InvalidValue, sign, verify
-from sidecar.upstream_request import target
-from sidecar.yamlsource import ConfigError
+from sidecar.proxy.routing import glob_to_regex, matching_path, normalise_path
+from sidecar.proxy.upstream_request import target
 
 FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 SLOW = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])

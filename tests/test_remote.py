@@ -16,10 +16,10 @@ from conftest import error_body
 from redis_support import redis_url  # noqa: F401  (fixture)
 from validator_support import Call, validator
 
-from sidecar import egress
+from sidecar.authn.remote_check import CheckResult, RemoteCheck, check
 from sidecar.errors import DependencyUnavailable
+from sidecar.outbound import pinned as egress
 from sidecar.testing import free_port, running_sidecar
-from sidecar.validators import CheckResult, RemoteCheck, check
 
 WORDS = {"one": " 1 \n", "true": "true", "S": "S", "yes": "Yes", "sim": "Sim", "zero": "0", "false": "FALSE",
          "N": "N", "no": "no", "nao": "NÃO", "maybe": "talvez", "empty": "", "two-words": "1 1", "json": '{"ok":1}'}
@@ -208,8 +208,8 @@ def test_value_is_url_encoded_into_the_url(sidecar, service):
 def test_private_address_allowed_unless_the_guard_is_on(service):
     """A validator on a literal loopback address is the operator's own service: accepted when the config loads;
     `allow_private: false` turns the SSRF guard on and refuses it (names resolving there: when called)."""
-    from sidecar.config import parse
-    from sidecar.yamlsource import ConfigError
+    from sidecar.config.model import parse
+    from sidecar.config.yaml_lines import ConfigError
 
     _, url = service
     config = {"version": 1, "upstream": "http://127.0.0.1:1",

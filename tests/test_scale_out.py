@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from sidecar.client_tokens import new_token, token_hash
+from sidecar.state.client_token_store import new_token, token_hash
 from sidecar.testing import SidecarProcess, free_port, serve_in_thread
 
 ADMIN = "scale-admin-token-0123456789abcdef"

@@ -15,7 +15,7 @@ import jwt
 import pytest
 from conftest import config_text, error_body, make_config, route
 
-from sidecar.ip_keys import keyring_for
+from sidecar.authn.ip_key_sealing import keyring_for
 from sidecar.testing import KeyPair, RecordingUpstream, RunningSidecar, running_sidecar, serve_in_thread
 
 ADMIN = "test-admin-token-0123456789abcdef"
@@ -328,7 +328,7 @@ def test_custom_sso_with_a_mapped_identifier_gives_a_token_and_a_key(sidecar: Ru
     assert set(body) == {"access_token", "token_type", "expires_in", "scope", "key"}
     claims = verify_with_jwks(sidecar, body["access_token"])
     assert (claims["sub"], claims["client_id"]) == ("joana", "engage")
-    key = keyring_for(sidecar.services.config).open(body["key"])
+    key = keyring_for(sidecar.runtime.config).open(body["key"])
     assert (key.user, key.client, key.single_use, key.ip) == ("joana", "engage", True, None)
     assert key.expires_at - key.issued_at == 300
     first = httpx.get(sidecar.url + "/sso/login", params={"key": body["key"]})

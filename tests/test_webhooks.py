@@ -22,9 +22,9 @@ import redis
 from redis_support import redis_url  # noqa: F401  (fixture)
 from standardwebhooks import Webhook, WebhookVerificationError
 
-from sidecar.client_tokens import new_token, token_hash
+from sidecar.state.client_token_store import new_token, token_hash
 from sidecar.testing import SidecarProcess, running_sidecar, serve_in_thread
-from sidecar.webhook_redis import GROUP, STREAM
+from sidecar.webhooks.redis_queue import GROUP, STREAM
 
 ADMIN = "test-admin-token-0123456789abcdef"
 ADMIN_HEADERS = {"Authorization": f"Bearer {ADMIN}"}
@@ -321,7 +321,7 @@ def test_name_resolving_to_loopback_is_refused_without_allow_private(receiver, u
         assert host == "hooks.partner.test"
         return ["127.0.0.1"]
 
-    monkeypatch.setattr("sidecar.netguard._system_resolve", resolve)
+    monkeypatch.setattr("sidecar.outbound.guard._system_resolve", resolve)
     url = receiver.url.replace("127.0.0.1", "hooks.partner.test")
     with running_sidecar(config(upstream_url, redis_url, url=url, allow_private=False)) as sc:
         pay(sc.url)
@@ -435,8 +435,8 @@ webhooks:
                                  "http://[fd00:ec2::254]/", "http://100.64.1.1/", "http://localhost:8080/"])
 def test_check_refuses_literal_private_addresses(url):
     """Every spelling of a private or loopback address is refused at load, naming the fix."""
-    from sidecar.config import parse
-    from sidecar.yamlsource import ConfigError
+    from sidecar.config.model import parse
+    from sidecar.config.yaml_lines import ConfigError
 
     text = json.dumps({"version": 1, "upstream": "http://127.0.0.1:9", "webhooks": [
         {"id": "erp", "url": url, "events": ["x"], "secret": SECRET}]})
@@ -453,8 +453,8 @@ def test_check_refuses_literal_private_addresses(url):
 ])
 def test_secret_must_be_whsec_base64(secret, ok):
     """Secrets are whsec_ + base64 of 24-64 bytes; a bad one is refused without echoing it."""
-    from sidecar.config import parse
-    from sidecar.yamlsource import ConfigError
+    from sidecar.config.model import parse
+    from sidecar.config.yaml_lines import ConfigError
 
     text = json.dumps({"version": 1, "upstream": "http://127.0.0.1:9", "webhooks": [
         {"id": "erp", "url": "https://hooks.example/in", "events": ["x"], "secret": secret}]})
@@ -470,9 +470,9 @@ def test_secret_must_be_whsec_base64(secret, ok):
 
 async def test_work_read_but_not_started_is_handed_back_whole(redis_url):  # noqa: F811
     """A process stopping with entries read but not yet attempted hands them back, payload and all."""
-    from sidecar.store import connect
-    from sidecar.webhook_queue import Delivery
-    from sidecar.webhook_redis import RedisQueue
+    from sidecar.state.store import connect
+    from sidecar.webhooks.queue import Delivery
+    from sidecar.webhooks.redis_queue import RedisQueue
 
     client = connect(redis_url)
     try:
@@ -491,8 +491,8 @@ async def test_work_read_but_not_started_is_handed_back_whole(redis_url):  # noq
 
 async def test_due_retries_are_moved_back_once_however_many_processes_look(redis_url):  # noqa: F811
     """Four processes promoting the same due retries at once: each goes back to the stream exactly once."""
-    from sidecar.store import connect
-    from sidecar.webhook_redis import DUE, STREAM, RedisQueue
+    from sidecar.state.store import connect
+    from sidecar.webhooks.redis_queue import DUE, STREAM, RedisQueue
 
     client = connect(redis_url)
     try:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from sidecar.authn.base import Identity, fingerprint
-from sidecar.configtypes import Model, Source
-from sidecar.request import RequestView
+from sidecar.config.types import Model, Source
+from sidecar.proxy.request_view import RequestView
 
 
 class AnonymousConfig(Model):

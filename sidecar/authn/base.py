@@ -15,11 +15,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from sidecar.configtypes import Source
+from sidecar.config.types import Source
 from sidecar.errors import BadRequest
 
 if TYPE_CHECKING:
-    from sidecar.request import RequestView
+    from sidecar.proxy.request_view import RequestView
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,10 +18,10 @@ from pydantic import Field, field_validator
 
 from sidecar.authn.base import Identity, fingerprint, read_first
 from sidecar.authn.jws import Lifetime, Token, check_claims
-from sidecar.configtypes import CredentialSource, Duration, Model, Source, parse_source
+from sidecar.config.types import CredentialSource, Duration, Model, Source, parse_source
 from sidecar.errors import Unauthenticated
-from sidecar.request import RequestView
-from sidecar.store import PREFIX
+from sidecar.proxy.request_view import RequestView
+from sidecar.state.store import PREFIX
 
 ALGORITHMS = ("RS256", "PS256", "ES256")
 _KEY_TYPE = {"RS256": rsa.RSAPublicKey, "PS256": rsa.RSAPublicKey, "ES256": ec.EllipticCurvePublicKey}
@@ -61,7 +61,7 @@ class ClientJwtConfig(Model):
 
 class ClientJwtAuthenticator:
     bearer = False
-    client_bound = True  # its identities are configured clients (sidecar.policy, sidecar.authz)
+    client_bound = True  # its identities are configured clients (proxy/route_plans.py, proxy/authorization.py)
 
     def __init__(self, name: str, config: ClientJwtConfig, services: Any) -> None:
         self.name = name

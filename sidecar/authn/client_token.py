@@ -9,10 +9,10 @@ from typing import Any, Literal
 from pydantic import Field
 
 from sidecar.authn.base import Identity, fingerprint, read_first
-from sidecar.client_tokens import token_hash
-from sidecar.configtypes import CredentialSource, Duration, Model, Source, parse_source
+from sidecar.config.types import CredentialSource, Duration, Model, Source, parse_source
 from sidecar.errors import Unauthenticated
-from sidecar.request import RequestView
+from sidecar.proxy.request_view import RequestView
+from sidecar.state.client_token_store import token_hash
 
 MAX_TOKEN_LENGTH = 4096
 
@@ -31,7 +31,7 @@ class ClientTokenAuthenticator:
     needs_body = False
     cacheable = True
     revocable = True  # its cached verdicts are dropped when revocations cannot be heard
-    client_bound = True  # its identities are configured clients (sidecar.policy, sidecar.authz)
+    client_bound = True  # its identities are configured clients (proxy/route_plans.py, proxy/authorization.py)
     bearer = True
 
     def __init__(self, name: str, config: ClientTokenConfig, services: Any) -> None:

@@ -4,7 +4,7 @@ checked in one of three ways:
 - `revalidate:` — a `remote` block: the portal's service says whether the cookie's value is still good
   (verdicts cached by the gateway, as for `remote`);
 - `signed:` — the portal signs the value with a shared secret, the expiry inside (format in
-  `sidecar.signed_values`: `v1.<base64url JSON>.<base64url HMAC-SHA256>`);
+  `sidecar.authn.hmac_values`: `v1.<base64url JSON>.<base64url HMAC-SHA256>`);
 - `existence_only: true` — any non-empty value is accepted. Anyone can set a cookie, so this proves nothing;
   it must be asked for explicitly and `sidecar check` warns about it.
 
@@ -17,12 +17,12 @@ from typing import Any, Literal
 from pydantic import model_validator
 
 from sidecar.authn.base import Identity, fingerprint, read_first
+from sidecar.authn.hmac_values import InvalidValue, verify
 from sidecar.authn.remote import identity_from, pseudonymous_subject
-from sidecar.configtypes import Duration, Model, Source, parse_source
+from sidecar.authn.remote_check import RemoteCheck, check
+from sidecar.config.types import Duration, Model, Source, parse_source
 from sidecar.errors import Unauthenticated
-from sidecar.request import RequestView
-from sidecar.signed_values import InvalidValue, verify
-from sidecar.validators import RemoteCheck, check
+from sidecar.proxy.request_view import RequestView
 
 MAX_COOKIE_LENGTH = 4096
 

@@ -21,11 +21,11 @@ from urllib.parse import quote
 from pydantic import field_validator, model_validator
 
 from sidecar.authn.base import Identity, fingerprint, read_first
-from sidecar.configtypes import Duration, Model, Source, parse_source
+from sidecar.authn.hmac_values import InvalidValue, sign, verify
+from sidecar.authn.ip_key_sealing import InvalidKey, canonical_ip, keyring_for, used_mark
+from sidecar.config.types import Duration, Model, Source, parse_source
 from sidecar.errors import Refusal, Unauthenticated
-from sidecar.ip_keys import InvalidKey, canonical_ip, keyring_for, used_mark
-from sidecar.request import RequestView
-from sidecar.signed_values import InvalidValue, sign, verify
+from sidecar.proxy.request_view import RequestView
 
 CLOCK_SKEW = 60.0
 _URL_SAFE = "/:?#[]@!$&'()*+,;=%-._~"

@@ -12,7 +12,7 @@ from pydantic import Field, field_validator, model_validator
 from sidecar.authn.base import Identity, fingerprint, read_first
 from sidecar.authn.jwks import JwksKeys
 from sidecar.authn.jws import Token, check_claims
-from sidecar.configtypes import (
+from sidecar.config.types import (
     CredentialSource,
     Duration,
     Model,
@@ -22,8 +22,8 @@ from sidecar.configtypes import (
     parse_source,
 )
 from sidecar.errors import Unauthenticated
-from sidecar.request import RequestView
-from sidecar.signing import IDENTITY_TOKEN_TYPE
+from sidecar.issuer.signing_keys import IDENTITY_TOKEN_TYPE
+from sidecar.proxy.request_view import RequestView
 
 ASYMMETRIC = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
 SYMMETRIC = ("HS256", "HS384", "HS512")

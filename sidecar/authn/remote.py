@@ -1,6 +1,6 @@
 """`remote`: the credential from `from:` (a header, query parameter, cookie or form field), vouched for by an
 external webservice (seed 001: "valida_token", credential webservices, RFC 7662 introspection) — see
-`sidecar.validators` for the call and how answers are read.
+`sidecar.authn.remote_check` for the call and how answers are read.
 
 Verdicts are cached by the gateway under a hash of this configuration and the credential (`cache_ttl`,
 `negative_ttl`); concurrent misses for one credential make one call. An unreachable service or an answer that
@@ -14,10 +14,10 @@ from typing import Any, Literal
 from pydantic import Field
 
 from sidecar.authn.base import Identity, fingerprint, read_first
-from sidecar.configtypes import CredentialSource, Source
+from sidecar.authn.remote_check import CheckResult, RemoteCheck, check
+from sidecar.config.types import CredentialSource, Source
 from sidecar.errors import Unauthenticated
-from sidecar.request import RequestView
-from sidecar.validators import CheckResult, RemoteCheck, check
+from sidecar.proxy.request_view import RequestView
 
 MAX_CREDENTIAL_LENGTH = 4096
 
@@ -42,7 +42,7 @@ def identity_from(result: CheckResult, method: str, credential: str) -> Identity
 
 class RemoteAuthenticator:
     cacheable = True
-    shared_cache = True  # one outside call per credential for every replica (sidecar.cache.StoreVerdicts)
+    shared_cache = True  # one outside call per credential for every replica (sidecar.proxy.verdict_cache.StoreVerdicts)
 
     def __init__(self, name: str, config: RemoteConfig, services: Any) -> None:
         self.name = name

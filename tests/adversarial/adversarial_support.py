@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 import pytest
 from conftest import AUDIENCE, ISSUER, jwt_authenticator
 
-from sidecar.client_tokens import new_token, token_hash
+from sidecar.state.client_token_store import new_token, token_hash
 from sidecar.testing import KeyPair, RunningSidecar, running_sidecar, serve_in_thread
 
 ADMIN_TOKEN = "adversarial-admin-token-0123456789abcdef"

@@ -27,7 +27,7 @@ from adversarial_support import (  # noqa: F401  (fixtures)
 )
 from redis_support import redis_url  # noqa: F401  (fixture)
 
-from sidecar.client_tokens import token_hash
+from sidecar.state.client_token_store import token_hash
 from sidecar.testing import KeyPair, RunningSidecar, running_sidecar
 
 ERP_KEYS = KeyPair("EC")

@@ -1,0 +1,1 @@
+"""The configuration: typed models, the YAML loader with line numbers, value types."""

@@ -1,0 +1,32 @@
+"""The sidecar's own endpoints on the main port, under `issuer.prefix` (default `/_sidecar`, SPEC §6):
+the OAuth2 token endpoint, the JWKS, and the key endpoint. Each capability contributes its routes."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Mount, Route
+
+if TYPE_CHECKING:
+    from sidecar.runtime import Services
+
+DEFAULT_PREFIX = "/_sidecar"
+
+
+def issuer_prefix(services: Services) -> str:
+    issuer = services.config.issuer
+    return (issuer.prefix if issuer else DEFAULT_PREFIX).rstrip("/")
+
+
+def issuer_app(services: Services) -> Starlette:
+    from sidecar.issuer.key_endpoint import key_routes
+    from sidecar.issuer.token_endpoint import token_routes
+
+    async def jwks(request: Request) -> Response:
+        return JSONResponse(services.signing.jwks(), headers={"Cache-Control": "public, max-age=300"})
+
+    routes = [Route("/.well-known/jwks.json", jwks, methods=["GET"]), *key_routes(services), *token_routes(services)]
+    return Starlette(routes=[Mount(issuer_prefix(services), routes=routes)])

@@ -1,0 +1,1 @@
+"""Operations: the admin API, the audit log, Prometheus metrics."""

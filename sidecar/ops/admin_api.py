@@ -1,0 +1,183 @@
+"""The admin port (SPEC §7): health, readiness and metrics without auth; the admin API behind the admin
+token (compared in constant time), every call an audit line."""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from sidecar.errors import NotFound, Refusal
+from sidecar.issuer.identifier_map import Identifiers, parse_mappings
+
+if TYPE_CHECKING:
+    from sidecar.runtime import Services
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def error(status: int, reason: str, description: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": reason, "error_description": description}, status_code=status, headers=headers)
+
+
+async def json_body(request: Request, limit: int = 1024 * 1024) -> Any:
+    body = await request.body()
+    if len(body) > limit:
+        raise Refusal("the body is too large", reason="payload_too_large")
+    try:
+        return json.loads(body)
+    except ValueError:
+        raise Refusal("the body is not valid JSON") from None
+
+
+class AdminApi:
+    def __init__(self, services: Services) -> None:
+        self.services = services
+
+    def guarded(self, action: str, handler: Handler) -> Handler:
+        async def endpoint(request: Request) -> Response:
+            if not admin_token_ok(self.services, request.headers.get("authorization")):
+                response: Response = error(401, "invalid_token", "a valid admin token is required",
+                                           {"WWW-Authenticate": 'Bearer realm="sidecar-admin"'})
+            else:
+                try:
+                    response = await handler(request)
+                except Refusal as refusal:
+                    response = error(refusal.status, refusal.reason, refusal.description)
+            self.services.audit.write(kind="admin", action=action, method=request.method,
+                                      client=request.path_params.get("client_id"), status=response.status_code,
+                                      peer=request.client.host if request.client else None)
+            return response
+
+        return endpoint
+
+    def client_or_404(self, request: Request) -> tuple[str, Any]:
+        client_id = request.path_params["client_id"]
+        client = self.services.policy.clients.get(client_id)
+        if client is None:
+            raise NotFound(f"no client {client_id!r} is configured")
+        return client_id, client
+
+    async def list_clients(self, request: Request) -> Response:
+        clients = []
+        for client in self.services.policy.config.clients:
+            clients.append({
+                "id": client.id, "name": client.name, "routes": client.routes, "scopes": client.scopes,
+                "tokens": await self.services.client_tokens.listing(client.id),
+            })
+        return JSONResponse({"clients": clients})
+
+    async def mint_token(self, request: Request) -> Response:
+        client_id, _ = self.client_or_404(request)
+        minted = await self.services.client_tokens.mint(client_id)
+        await self.services.events.emit("client.token.created", {
+            "client": client_id, "token_id": minted["id"], "created": minted["created"]})
+        return JSONResponse(minted, status_code=201, headers={"Cache-Control": "no-store"})
+
+    async def revoke_token(self, request: Request) -> Response:
+        client_id, _ = self.client_or_404(request)
+        token_id = request.path_params["token_id"]
+        if await self.services.client_tokens.revoke(client_id, token_id) is None:
+            return error(404, "not_found", f"client {client_id!r} has no token {token_id!r}")
+        await self.services.events.emit("client.token.revoked", {"client": client_id, "token_id": token_id})
+        return Response(status_code=204)
+
+    async def register_public_key(self, request: Request) -> Response:
+        client_id, _ = self.client_or_404(request)
+        body = await json_body(request, limit=64 * 1024)
+        pem = body.get("publicKey") if isinstance(body, dict) else None
+        if not isinstance(pem, str) or not pem.strip():
+            return error(400, "invalid_request", 'send {"publicKey": "<PEM public key, or base64 of the PEM>"}')
+        try:
+            registered = await self.services.client_keys.register(client_id, pem)
+        except ValueError as exc:  # the message says what is wrong with the key, never repeats it
+            return error(400, "invalid_request", f"publicKey: {exc}")
+        await self.services.events.emit("client.public_key.updated", registered)
+        return JSONResponse(registered)
+
+    async def map_identifiers(self, request: Request) -> Response:
+        mappings = parse_mappings(await json_body(request), self.services.policy.clients)
+        await Identifiers(self.services.store).add(mappings)
+        return JSONResponse({"created": len(mappings)}, status_code=201)
+
+    async def reload(self, request: Request) -> Response:
+        result = await self.services.reload_from_file("admin api")
+        if result.restart:  # a valid file, but it changes what only a restart applies: nothing was applied
+            return JSONResponse({"reloaded": False, "errors": result.errors, "restart_required": result.restart},
+                                status_code=409)
+        if not result.applied:
+            return JSONResponse({"reloaded": False, "errors": result.errors}, status_code=400)
+        _tell_siblings_to_reload()
+        return JSONResponse({"reloaded": True, "routes": len(self.services.policy.config.routes)})
+
+    def routes(self) -> list[Route]:
+        g = self.guarded
+        return [
+            Route("/admin/reload", g("reload", self.reload), methods=["POST"]),
+            Route("/admin/clients", g("clients.list", self.list_clients), methods=["GET"]),
+            Route("/admin/clients/{client_id}/tokens", g("token.mint", self.mint_token), methods=["POST"]),
+            Route("/admin/clients/{client_id}/tokens/{token_id}", g("token.revoke", self.revoke_token),
+                  methods=["DELETE"]),
+            Route("/admin/clients/{client_id}/public-key", g("public_key.register", self.register_public_key),
+                  methods=["PUT", "PATCH"]),
+            Route("/admin/identifiers", g("identifiers.map", self.map_identifiers), methods=["POST"]),
+        ]
+
+
+def _tell_siblings_to_reload() -> None:
+    """Under `--workers N`, the supervisor passes SIGHUP to every worker: all of them reload, not just this one."""
+    import os
+    import signal
+
+    supervisor = os.environ.get("SIDECAR_SUPERVISOR_PID")
+    if supervisor and supervisor.isdigit() and int(supervisor) == os.getppid():
+        os.kill(int(supervisor), signal.SIGHUP)
+
+
+def admin_app(services: Services, extra_routes: list[Route] | None = None) -> Starlette:
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(request: Request) -> Response:
+        problems = await readiness_problems(services)
+        if problems:
+            return JSONResponse({"status": "not ready", "problems": problems}, status_code=503)
+        return JSONResponse({"status": "ready"})
+
+    async def metrics(request: Request) -> Response:
+        return Response(services.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    return Starlette(routes=[
+        Route("/healthz", healthz),
+        Route("/readyz", readyz),
+        Route("/metrics", metrics),
+        *AdminApi(services).routes(),
+        *(extra_routes or []),
+    ])
+
+
+async def readiness_problems(services: Services) -> list[str]:
+    problems = []
+    if not services.ready:
+        problems.append("configuration not loaded")
+    if services.store.shared and not (await services.store.ping() and services.store.connected):
+        problems.append("redis unreachable")
+    for name, auth in services.policy.authenticators.items():
+        jwks = getattr(auth, "jwks", None)
+        if jwks is not None and not jwks.loaded:
+            problems.append(f"authenticator {name}: JWKS not fetched yet")
+    return problems
+
+
+def admin_token_ok(services: Services, header: str | None) -> bool:
+    expected = services.config.admin.token
+    if not expected or not header:
+        return False
+    scheme, _, token = header.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), expected.encode())

@@ -1,0 +1,1 @@
+"""Outbound safety: which addresses the sidecar may call, and connections pinned to them."""

@@ -1,0 +1,1 @@
+"""The data plane: one request from route match to the upstream and back."""

@@ -1,0 +1,358 @@
+"""The flow of one proxied request: match → authenticate → authorise → strip and set identity → forward.
+
+Every refusal is a `Refusal` raised on the way and answered here, with its audit line and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import itertools
+import json
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
+
+from sidecar.errors import (
+    BadRequest,
+    HeadersTooLarge,
+    MissingCredentials,
+    NoRoute,
+    PayloadTooLarge,
+    Refusal,
+    Unauthenticated,
+)
+from sidecar.proxy.authorization import authorize
+from sidecar.proxy.request_view import RequestView, client_address, is_trusted_peer
+from sidecar.proxy.upstream_request import build_headers, strip_body, strip_query, target
+
+if TYPE_CHECKING:
+    from sidecar.authn.base import Authenticator, Identity
+    from sidecar.proxy.route_plans import Policy, RoutePlan
+    from sidecar.runtime import Services
+
+_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
+MAX_HEADER_BYTES = 64 * 1024
+MAX_HEADERS = 128
+
+
+class ClientDisconnected(Exception):
+    pass
+
+
+class Gateway:
+    def __init__(self, services: Services) -> None:
+        self.services = services
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        started = time.perf_counter()
+        services = self.services
+        policy: Policy = services.policy
+        headers: list[tuple[bytes, bytes]] = scope["headers"]
+        seen = scan_headers(headers)
+        method = scope["method"]
+        log: dict[str, Any] = {"request_id": seen.request_id, "method": method, "route": None}
+        plan: RoutePlan | None = None
+        request: RequestView | None = None
+        responded = [False]
+        upstream_seconds = None
+        try:
+            if seen.bad_framing:
+                raise BadRequest("only Transfer-Encoding: chunked is accepted (RFC 9112 §6.1)")
+            if seen.too_large:
+                raise HeadersTooLarge(f"at most {MAX_HEADERS} header fields and {MAX_HEADER_BYTES} bytes are accepted")
+            path = normalise(scope)
+            log["path"] = path
+            if seen.hosts != 1 and (seen.hosts > 1 or scope.get("http_version") == "1.1"):
+                raise BadRequest("an HTTP/1.1 request carries exactly one Host header (RFC 9112 §3.2)")
+            if seen.bad_host:
+                raise BadRequest("the Host header is not a host name or address with an optional port (RFC 9110 §7.2)")
+            plan = policy.match(method, seen.host, path)
+            if plan is None:
+                raise NoRoute("no route matches this request")
+            log["route"] = plan.route.id
+            client = scope.get("client")
+            peer = client[0] if client else "0.0.0.0"
+            client_ip = (
+                client_address(peer, seen.forwarded_for, policy.trusted_proxies) if policy.trusted_proxies else peer
+            )
+            request = RequestView(method, path, scope.get("query_string", b""), headers, seen.authority,
+                                  scope.get("scheme", "http"), peer, client_ip, seen.request_id)
+            log["client_ip"] = client_ip
+            if plan.needs_body:
+                request.body = await read_body(receive, plan.config.max_body, seen.content_length)
+            auth, identity = await self.authenticate(plan, request)
+            log["authenticator"] = auth.name
+            log["subject"] = identity.subject
+            log["client"] = identity.client
+            authorize(plan.config, identity, client_ip, policy.clients, getattr(auth, "client_bound", False))
+            status, upstream_seconds = await self.forward(
+                policy, plan, request, auth, identity, receive, send, responded, seen.has_body)
+            log["decision"] = "allow"
+            log["reason"] = "ok"
+            log["status"] = status
+            log["upstream_ms"] = round(upstream_seconds * 1000, 2)
+        except Refusal as refusal:
+            log.update(decision="deny", reason=refusal.reason, status=refusal.status)
+            if refusal.detail:
+                log["detail"] = refusal.detail
+            if refusal.status in (502, 504):
+                services.metrics.upstream_errors.labels(log["route"] or "-", refusal.reason).inc()
+            if not responded[0]:
+                await self.refuse(refusal, plan, request, seen.request_id, send)
+            if refusal.status in (401, 403) and services.webhooks.targets("auth.refused"):
+                await services.events.emit("auth.refused", {
+                    "route": log["route"], "status": refusal.status, "reason": refusal.reason,
+                    "client_ip": log.get("client_ip"), "authenticator": log.get("authenticator"),
+                    "request_id": seen.request_id,
+                })
+        except ClientDisconnected:
+            log.update(decision="abandoned", reason="client_disconnected", status=499)
+        except asyncio.CancelledError:  # --grace ran out: server.GraceCutoff answers 503 (or closes); audit it too
+            log.update(decision="abandoned", reason="shutting_down", status=499 if responded[0] else 503)
+            self.record(log, started, upstream_seconds)
+            raise
+        self.record(log, started, upstream_seconds)
+
+    def record(self, log: dict[str, Any], started: float, upstream_seconds: float | None) -> None:
+        total = time.perf_counter() - started
+        log["total_ms"] = round(total * 1000, 2)
+        self.services.audit.record(log)
+        self.services.metrics.request(log["route"] or "-", log["decision"], total, upstream_seconds)
+
+    async def authenticate(self, plan: RoutePlan, request: RequestView) -> tuple[Authenticator, Identity]:
+        for auth in plan.authenticators:
+            credential = auth.credential(request)
+            if credential is None:
+                continue  # not its kind of credential: the next authenticator is tried
+            try:
+                return auth, await self.services.cache.resolve(auth, credential, request)
+            except Unauthenticated as refusal:
+                refusal.bearer_challenge = auth.bearer
+                raise
+        raise MissingCredentials("no credential was presented", detail="missing")
+
+    async def forward(
+        self, policy: Policy, plan: RoutePlan, request: RequestView, auth: Authenticator, identity: Identity,
+        receive: Any, send: Any, responded: list[bool], has_body: bool,
+    ) -> tuple[int, float]:
+        body: Any
+        body_length = None
+        if request.body is not None:
+            body = strip_body(request.body, request.content_type(), plan.strip.body_fields)
+            body_length = len(body) if (body or request.header(b"content-length") is not None) else None
+        elif has_body:
+            body = stream_body(receive)
+        else:
+            body = None
+        headers = build_headers(
+            request, identity, plan.strip, policy.identity_headers,
+            trusted_peer=is_trusted_peer(request.peer_ip, policy.trusted_proxies),
+            signed_token=self.services.identity_token(identity),
+            body_length=body_length,
+        )
+        query = strip_query(request.query_string, plan.strip.query)
+        started = time.perf_counter()
+        response = await plan.transport.send(request.method, target(plan.base_path, request.path, query), headers, body)
+        upstream_seconds = time.perf_counter() - started
+        emits = [e for e in plan.config.emit if _status_matches(e.when, response.status)] if plan.config.emit else None
+        captured: list[bytes] | None = [] if emits else None
+        cap = max((e.max_body for e in emits), default=0) if emits else 0
+        size = 0
+        try:
+            response_headers = response.headers
+            response_headers.append((b"x-request-id", request.request_id.encode()))
+            extra = getattr(auth, "response_headers", None)
+            if extra is not None:
+                response_headers.extend(extra(identity, request))
+            await send({"type": "http.response.start", "status": response.status, "headers": response_headers})
+            responded[0] = True
+            async for chunk in response.body():
+                if chunk:
+                    if captured is not None:
+                        size += len(chunk)
+                        if size <= cap:
+                            captured.append(chunk)
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            await response.aclose()
+        if emits:
+            # The caller already has the whole reply; the event is queued before this handler returns.
+            data = event_data(b"".join(captured or []), size, cap, identity, plan.route.id)
+            for emit in emits:
+                await self.services.events.emit(emit.event, data)
+        return response.status, upstream_seconds
+
+    async def refuse(
+        self, refusal: Refusal, plan: RoutePlan | None, request: RequestView | None, request_id: str, send: Any,
+    ) -> None:
+        if isinstance(refusal, MissingCredentials) and plan is not None:
+            refusal.bearer_challenge = plan.bearer
+        body = refusal.body()
+        headers = refusal.headers(body)
+        headers.append((b"x-request-id", request_id.encode()))
+        login_url = plan.config.login_url if plan is not None else None
+        if login_url and refusal.status == 401 and request is not None and request.host and _wants_html(request):
+            # return_to is built from the request itself (Host validated, port kept), so it can only point back at
+            # this host. Without a Host (HTTP/1.0) there is nothing to point back at: the JSON 401 instead.
+            back = f"{request.scheme}://{request.host}{request.path}"
+            if request.query_string:
+                back += "?" + strip_query(request.query_string, plan.strip.query).decode("latin-1")  # type: ignore[union-attr]
+            location = login_url + ("&" if "?" in login_url else "?") + "return_to=" + quote(back, safe="")
+            await send({"type": "http.response.start", "status": 302, "headers": [
+                (b"location", location.encode()), (b"cache-control", b"no-store"), (b"content-length", b"0")]})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        await send({"type": "http.response.start", "status": refusal.status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+def normalise(scope: dict[str, Any]) -> str:
+    from sidecar.proxy.routing import normalise_path
+
+    raw = scope.get("raw_path")
+    if raw is None:
+        raw = scope["path"].encode("utf-8")
+    return normalise_path(raw)
+
+
+class SeenHeaders:
+    """What the gateway needs from the request headers, found in one pass."""
+
+    __slots__ = (
+        "authority", "bad_framing", "bad_host", "content_length", "forwarded_for", "has_body", "host", "hosts",
+        "request_id", "too_large",
+    )
+
+    def __init__(self) -> None:
+        self.host = ""  # the host name routes match on: lower-case, no port
+        self.authority = ""  # the Host header as sent, port kept (for return_to)
+        self.bad_host = False
+        self.hosts = 0
+        self.forwarded_for: list[bytes] = []
+        self.request_id = ""
+        self.content_length: str | None = None
+        self.has_body = False
+        self.too_large = False
+        self.bad_framing = False
+
+
+def scan_headers(headers: list[tuple[bytes, bytes]]) -> SeenHeaders:
+    seen = SeenHeaders()
+    size = 0
+    for key, value in headers:
+        size += len(key) + len(value) + 4
+        if key == b"host":
+            seen.hosts += 1
+            name = host_name(value)
+            seen.bad_host = name is None
+            seen.host = name or ""
+            seen.authority = value.decode("latin-1")
+        elif key == b"x-forwarded-for":
+            seen.forwarded_for.append(value)
+        elif key == b"x-request-id":
+            if not seen.request_id and _REQUEST_ID.match(value):
+                seen.request_id = value.decode("ascii")
+        elif key == b"content-length":
+            seen.content_length = value.decode("latin-1")
+            if value.strip() not in (b"0", b""):
+                seen.has_body = True
+        elif key == b"transfer-encoding":
+            seen.has_body = True
+            if value.strip().lower() != b"chunked":
+                seen.bad_framing = True  # only plain chunked is forwarded; anything else is a smuggling shape
+    if not seen.request_id:
+        seen.request_id = next_request_id()
+    seen.too_large = size > MAX_HEADER_BYTES or len(headers) > MAX_HEADERS
+    return seen
+
+
+# RFC 9110 §7.2 / RFC 3986 §3.2.2: Host is `uri-host [":" port]`. The name is held to the characters a DNS name
+# or IPv4 address uses (RFC 3986's unreserved set): no `@` (userinfo: `good.example@evil.example` names
+# evil.example), no `/`, no second `:`, no percent-encoding (a browser decodes it: `evil%2eexample`), no empty name.
+_HOST = re.compile(rb"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~-]+)(?::[0-9]{0,5})?")
+
+
+def host_name(value: bytes) -> str | None:
+    """The host a Host header names, lower-case, port removed; None when the value is not a valid Host (400)."""
+    match = _HOST.fullmatch(value)
+    if match is None:
+        return None
+    name = match.group(1).decode("ascii").lower()
+    if name.startswith("["):
+        try:
+            ipaddress.IPv6Address(name[1:-1])
+        except ValueError:
+            return None
+    return name
+
+
+_ID_PREFIX = uuid.uuid4().hex[:12]
+_ids = itertools.count(1)
+
+
+def next_request_id() -> str:
+    """Unique without a random draw per request: a random per-process prefix and a counter."""
+    return f"{_ID_PREFIX}{next(_ids):012x}"
+
+
+def _status_matches(when: str, status: int) -> bool:
+    return when == "any" or str(status)[0] == when[0]
+
+
+def event_data(body: bytes, size: int, cap: int, identity: Identity, route_id: str) -> dict[str, Any]:
+    """The data of a route `emit` event: the upstream's JSON reply, plus `client` and `route` (SPEC §8)."""
+    data: dict[str, Any]
+    if size > cap:
+        data = {"body_captured": False, "reason": f"the reply ({size} bytes) is larger than {cap} bytes"}
+    else:
+        try:
+            reply = json.loads(body) if body else None
+        except ValueError:
+            reply = None
+        data = dict(reply) if isinstance(reply, dict) else {"reply": reply}
+    data["client"] = identity.client
+    data["route"] = route_id
+    return data
+
+
+def _wants_html(request: RequestView) -> bool:
+    return "text/html" in (request.header(b"accept") or "")
+
+
+async def read_body(receive: Any, limit: int, declared: str | None) -> bytes:
+    """The whole body, for authenticators that read it; bounded by the route's `max_body` (413 above it)."""
+    if declared is not None:
+        try:
+            if int(declared) > limit:
+                raise PayloadTooLarge(f"the body is larger than {limit} bytes")
+        except ValueError:
+            raise BadRequest("invalid Content-Length") from None
+    chunks = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnected
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"the body is larger than {limit} bytes")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+async def stream_body(receive: Any) -> AsyncIterator[bytes]:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnected
+        chunk = message.get("body", b"")
+        if chunk:
+            yield chunk
+        if not message.get("more_body", False):
+            return

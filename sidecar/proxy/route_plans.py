@@ -1,0 +1,74 @@
+"""A configuration compiled for serving: routes indexed, authenticators built, strip plans and transports
+ready. Built once at load (and on reload); a request takes one snapshot and keeps it to the end."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from sidecar.authn import REGISTRY
+from sidecar.proxy.routing import CompiledRoute, RouteTable
+from sidecar.proxy.upstream_request import IdentityHeaders, StripPlan
+
+if TYPE_CHECKING:
+    from sidecar.authn.base import Authenticator
+    from sidecar.config.model import ClientConfig, LoadedConfig, RouteConfig
+    from sidecar.proxy.transports.base import Transport
+
+
+@dataclass(frozen=True, slots=True)
+class RoutePlan:
+    route: CompiledRoute
+    config: RouteConfig
+    authenticators: tuple[Authenticator, ...]
+    strip: StripPlan
+    needs_body: bool
+    bearer: bool
+    transport: Transport
+    base_path: str
+
+
+class Policy:
+    def __init__(self, loaded: LoadedConfig, services: Any) -> None:
+        config = loaded.config
+        self.loaded = loaded
+        self.config = config
+        self.authenticators: dict[str, Authenticator] = {
+            name: REGISTRY[cfg.type].build(name, cfg, services) for name, cfg in loaded.authenticators.items()
+        }
+        self.clients: dict[str, ClientConfig] = {client.id: client for client in config.clients}
+        # An authenticator that maps a credential to a configured client (client_token, client_jwt) decides from
+        # the `clients` section too: its verdict cache key covers that section, so after a reload that removes or
+        # changes a client or token, no verdict made under the old section is served (local or shared layer).
+        clients_digest = _clients_digest(config.clients)
+        for auth in self.authenticators.values():
+            if getattr(auth, "client_bound", False):
+                auth.fingerprint = hashlib.sha256(auth.fingerprint + clients_digest).digest()
+        self.table = RouteTable(config.routes)
+        self.identity_headers = IdentityHeaders(config.identity.header_prefix)
+        self.trusted_proxies = tuple(config.trusted_proxies)
+        self.plans: list[RoutePlan] = []
+        for compiled in self.table.routes:
+            route = compiled.config
+            auths = tuple(self.authenticators[name] for name in route.auth)
+            upstream = route.upstream or config.upstream
+            transport = services.transport_for(upstream, config.timeouts)
+            self.plans.append(RoutePlan(
+                route=compiled, config=route, authenticators=auths,
+                strip=StripPlan.from_sources(s for a in auths for s in a.sources),
+                needs_body=any(a.needs_body for a in auths),
+                bearer=any(a.bearer for a in auths),
+                transport=transport,
+                base_path=transport.upstream.base_path,  # type: ignore[attr-defined]
+            ))
+
+    def match(self, method: str, host: str, path: str) -> RoutePlan | None:
+        route = self.table.match(method, host, path)
+        return None if route is None else self.plans[route.index]
+
+
+def _clients_digest(clients: list[ClientConfig]) -> bytes:
+    dump = sorted((client.model_dump(mode="json") for client in clients), key=lambda c: str(c["id"]))
+    return hashlib.sha256(json.dumps(dump, sort_keys=True, default=str).encode()).digest()

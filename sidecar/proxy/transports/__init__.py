@@ -1,0 +1,1 @@
+"""Forward transports: a small base interface, one file per transport, a registry."""

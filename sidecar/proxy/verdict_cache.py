@@ -1,0 +1,256 @@
+"""The verdict cache (SPEC §10): what an authenticator decided about a credential, kept so that the same
+credential is not verified again. Keys are hashes of the authenticator's configuration and the credential,
+never the credential. A verdict never outlives the token's `exp`; refusals are kept for `negative_ttl`;
+concurrent misses for one credential make one check. A cached identity still goes through the route's
+`require` checks on every hit (the gateway does that after `resolve`).
+
+Layers: a bounded in-process LRU, over an optional shared layer (Redis) with the same small interface.
+
+A reload never lets a verdict outlive what it was based on: the key's fingerprint covers the authenticator's
+configuration and, for authenticators that map a credential to a configured client, the `clients` section
+(`proxy/route_plans.py`); so a removed token or client, or a changed one, is verified afresh in both layers. A reload
+that changes `cache:` applies at once (`configure`): the local layer is emptied, and a shared entry older than
+the new TTL is a miss.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any, Protocol
+
+from sidecar import errors
+from sidecar.authn.base import Identity
+from sidecar.errors import DependencyUnavailable, Refusal, Unauthenticated
+from sidecar.state.store import PREFIX
+from sidecar.timestamps import timestamp
+
+if TYPE_CHECKING:
+    from sidecar.authn.base import Authenticator
+    from sidecar.proxy.request_view import RequestView
+
+
+_REFUSALS = {name: cls for name, cls in vars(errors).items() if isinstance(cls, type) and issubclass(cls, Refusal)}
+
+
+def cache_key(fingerprint: bytes, credential: str) -> bytes:
+    return hashlib.sha256(fingerprint + b"\x00" + credential.encode("utf-8", "surrogateescape")).digest()
+
+
+class Refused:
+    """A cached refusal: enough to raise the same refusal again, nothing of the credential."""
+
+    __slots__ = ("description", "detail", "kind", "reason")
+
+    def __init__(self, refusal: Refusal) -> None:
+        self.kind = type(refusal)
+        self.reason = refusal.reason
+        self.description = refusal.description
+        self.detail = refusal.detail
+
+    def raise_again(self, cached: bool = True) -> None:
+        detail = f"{self.detail} (cached)" if cached else self.detail
+        raise self.kind(self.description, reason=self.reason, detail=detail)
+
+
+Verdict = Identity | Refused
+
+
+class SharedVerdicts(Protocol):
+    """A cache shared by every process (Redis): get gives the verdict, the seconds it has left and its age, or
+    None."""
+
+    async def get(self, key: bytes) -> tuple[Verdict, float, float] | None: ...
+
+    async def put(self, key: bytes, verdict: Verdict, ttl: float) -> None: ...
+
+
+class StoreVerdicts:
+    """Verdicts in the shared store, as JSON under `sidecar:verdict:<key hash>`. Only authenticators whose
+    check is an outside call opt in (`shared_cache`): for them a Redis round trip is cheaper than the call, and
+    every replica then asks the validator once. A store failure is a miss, never a refusal: the validator, not
+    the cache, is the authority."""
+
+    def __init__(self, store: Any) -> None:
+        self._store = store
+
+    async def get(self, key: bytes) -> tuple[Verdict, float, float] | None:
+        try:
+            raw = await self._store.get(f"{PREFIX}verdict:{key.hex()}")
+        except DependencyUnavailable:
+            return None
+        if raw is None:
+            return None
+        data = json.loads(raw)
+        now = time.time()
+        until = timestamp(data.get("until"))
+        if until is None or until <= now:
+            return None  # expired, or not a deadline we wrote: a miss
+        left = until - now
+        written = timestamp(data.get("at"))
+        age = max(0.0, now - (written if written is not None else now))
+        if "refused" in data:
+            refused = data["refused"]
+            kind = _REFUSALS.get(refused["kind"], Unauthenticated)
+            verdict: Verdict = Refused(kind(refused["description"], reason=refused["reason"], detail=refused["detail"]))
+            return verdict, left, age
+        i = data["identity"]
+        expires_at = timestamp(i["expires_at"])
+        if expires_at is None and i["expires_at"] is not None:
+            return None
+        return Identity(subject=i["subject"], method=i["method"], client=i["client"], scopes=frozenset(i["scopes"]),
+                        claims=i["claims"], expires_at=expires_at), left, age
+
+    async def put(self, key: bytes, verdict: Verdict, ttl: float) -> None:
+        if isinstance(verdict, Refused):
+            data: dict[str, Any] = {"refused": {"kind": verdict.kind.__name__, "reason": verdict.reason,
+                                                "description": verdict.description, "detail": verdict.detail}}
+        else:
+            data = {"identity": {"subject": verdict.subject, "method": verdict.method, "client": verdict.client,
+                                 "scopes": sorted(verdict.scopes), "claims": dict(verdict.claims),
+                                 "expires_at": verdict.expires_at}}
+        data["at"] = time.time()
+        data["until"] = data["at"] + ttl
+        try:
+            await self._store.set(f"{PREFIX}verdict:{key.hex()}", json.dumps(data, default=str), ttl=ttl)
+        except DependencyUnavailable:
+            pass
+
+
+class LocalVerdicts:
+    """A bounded LRU of verdicts with per-entry expiry (monotonic clock)."""
+
+    def __init__(self, max_entries: int = 100_000) -> None:
+        self._entries: OrderedDict[bytes, tuple[Verdict, float]] = OrderedDict()
+        self._max = max_entries
+
+    def get(self, key: bytes) -> Verdict | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        if entry[1] <= time.monotonic():
+            del self._entries[key]
+            return None
+        self._entries.move_to_end(key)
+        return entry[0]
+
+    def put(self, key: bytes, verdict: Verdict, ttl: float) -> None:
+        if ttl <= 0:
+            return
+        self._entries[key] = (verdict, time.monotonic() + ttl)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self._max:
+            self._entries.popitem(last=False)
+
+    def evict(self, key: bytes) -> None:
+        self._entries.pop(key, None)
+
+    def resize(self, max_entries: int) -> None:
+        self._max = max_entries
+        while len(self._entries) > self._max:
+            self._entries.popitem(last=False)
+
+    def evict_where(self, predicate: Any) -> int:
+        doomed = [k for k, (v, _) in self._entries.items() if predicate(v)]
+        for key in doomed:
+            del self._entries[key]
+        return len(doomed)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+class VerdictCache:
+    def __init__(
+        self, ttl: float, negative_ttl: float, max_entries: int, shared: SharedVerdicts | None = None,
+        on_result: Any = None,
+    ) -> None:
+        self.ttl = ttl
+        self.negative_ttl = negative_ttl
+        self.local = LocalVerdicts(max_entries)
+        self.shared = shared
+        self._inflight: dict[bytes, asyncio.Future[Verdict]] = {}
+        self._on_result = on_result or (lambda result: None)
+
+    def configure(self, ttl: float, negative_ttl: float, max_entries: int) -> None:
+        """A reload's `cache:` settings. When the TTLs change, the local layer is emptied: no entry may outlive
+        the new TTL (shared entries are checked against it by age, in `_lookup_or_verify`)."""
+        if (ttl, negative_ttl) != (self.ttl, self.negative_ttl):
+            self.local.clear()
+        self.ttl, self.negative_ttl = ttl, negative_ttl
+        self.local.resize(max_entries)
+
+    async def resolve(self, auth: Authenticator, credential: str, request: RequestView) -> Identity:
+        if not auth.cacheable:
+            return await auth.verify(credential, request)
+        key = cache_key(auth.fingerprint, credential)
+        verdict = self.local.get(key)
+        if verdict is not None:
+            self._on_result("hit")
+            return _unwrap(verdict)
+        waiting = self._inflight.get(key)
+        if waiting is not None:
+            self._on_result("coalesced")
+            return _unwrap(await asyncio.shield(waiting))
+        future: asyncio.Future[Verdict] = asyncio.get_running_loop().create_future()
+        self._inflight[key] = future
+        try:
+            verdict, fresh = await self._lookup_or_verify(auth, key, credential, request)
+            future.set_result(verdict)
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # mark retrieved: nobody may be waiting
+            raise
+        finally:
+            del self._inflight[key]
+        return _unwrap(verdict, cached=not fresh)
+
+    async def _lookup_or_verify(
+        self, auth: Authenticator, key: bytes, credential: str, request: RequestView,
+    ) -> tuple[Verdict, bool]:
+        shared = self.shared if getattr(auth, "shared_cache", False) else None
+        if shared is not None:
+            found = await shared.get(key)
+            if found is not None:
+                verdict, left, age = found
+                left = min(left, self._ttl_for(auth, verdict, age))  # the TTL in force now, not when written
+                if left > 0:
+                    self._on_result("shared_hit")
+                    self.local.put(key, verdict, left)
+                    return verdict, False
+        self._on_result("miss")
+        try:
+            verdict: Verdict = await auth.verify(credential, request)
+        except Unauthenticated as refusal:
+            verdict = Refused(refusal)
+        ttl = self._ttl_for(auth, verdict)
+        self.local.put(key, verdict, ttl)
+        if shared is not None and ttl > 0:
+            await shared.put(key, verdict, ttl)
+        return verdict, True
+
+    def _ttl_for(self, auth: Authenticator, verdict: Verdict, age: float = 0.0) -> float:
+        """How much longer this verdict may be served, `age` seconds after it was decided."""
+        if isinstance(verdict, Refused):
+            negative = getattr(auth, "negative_ttl", None)
+            return (self.negative_ttl if negative is None else negative) - age
+        ttl = getattr(auth, "cache_ttl", None)
+        ttl = (self.ttl if ttl is None else ttl) - age
+        if verdict.expires_at is not None:
+            expires_at = timestamp(verdict.expires_at)
+            # An expiry that is no timestamp caches nothing (min() with NaN would keep the full ttl).
+            ttl = 0.0 if expires_at is None else min(ttl, expires_at - time.time())
+        return ttl
+
+
+def _unwrap(verdict: Verdict, cached: bool = True) -> Identity:
+    if isinstance(verdict, Refused):
+        verdict.raise_again(cached)
+    assert isinstance(verdict, Identity)
+    return verdict

@@ -1,0 +1,1 @@
+"""Serving: the process runner and supervisor, the HTTP protocol, the ASGI apps."""

@@ -1,0 +1,261 @@
+"""Serving: the main port and the admin port in each worker process, under uvicorn (httptools, uvloop).
+
+uvicorn's own proxy-header handling is off (it would trust 127.0.0.1's X-Forwarded-For before we run: we
+apply `trusted_proxies` ourselves) and so is its access log (it prints query strings, which may carry
+credentials). With `--workers N` the parent binds both sockets and supervises N spawned workers that share
+them; it restarts a worker that dies and passes SIGTERM/SIGINT/SIGHUP on."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import uvicorn
+
+from sidecar.config.model import load
+from sidecar.errors import ShuttingDown
+from sidecar.server.apps import create_apps
+
+log = logging.getLogger("sidecar")
+
+
+class _Server(uvicorn.Server):
+    """A uvicorn server that leaves signals to us (two servers share one process)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def _uvicorn_config(app: Any, *, graceful: float) -> uvicorn.Config:
+    from sidecar.server.http_protocol import CoalescingHttpToolsProtocol
+
+    return uvicorn.Config(
+        app, lifespan="off", http=CoalescingHttpToolsProtocol, loop="none", access_log=False, proxy_headers=False,
+        server_header=False, log_level="warning", timeout_graceful_shutdown=graceful,
+        timeout_keep_alive=75, h11_max_incomplete_event_size=64 * 1024,
+    )
+
+
+class GraceCutoff:
+    """Answers the requests still running when `--grace` runs out, instead of uvicorn's plain-text 500.
+
+    uvicorn cancels those requests' tasks (and only at shutdown: a client that leaves is a `http.disconnect`, not
+    a cancellation). Before the reply has started the caller gets the JSON 503 `shutting_down` of the error table
+    and the connection is closed; after, the connection is closed mid-reply — never a body made to look whole
+    (a last chunk sent now would pass a truncated reply off as complete)."""
+
+    __slots__ = ("app",)
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        started = False
+
+        async def tracking_send(message: dict[str, Any]) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except asyncio.CancelledError:
+            if scope["type"] != "http":
+                raise
+            if started:
+                log.warning("grace period over: closed a connection in the middle of its reply")
+                return  # uvicorn closes a connection whose reply is incomplete
+            log.warning("grace period over: answered 503 shutting_down to a request still in flight")
+            refusal = ShuttingDown("the sidecar is shutting down and its grace period ran out before the answer; "
+                                   "the upstream may have received the request")
+            body = refusal.body()
+            await send({"type": "http.response.start", "status": refusal.status,
+                        "headers": [*refusal.headers(body), (b"connection", b"close")]})
+            await send({"type": "http.response.body", "body": body})
+
+
+def bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+class Serving:
+    """One worker: both servers over one `Services`, until `stop()` (or SIGTERM/SIGINT)."""
+
+    def __init__(self, config_path: str, main_sock: socket.socket, admin_sock: socket.socket,
+                 graceful: float = 30.0) -> None:
+        self.config_path = config_path
+        self.sockets = (main_sock, admin_sock)
+        self.graceful = graceful
+        self.services: Any = None
+        self._main: _Server | None = None
+        self.started = asyncio.Event()
+
+    def stop(self) -> None:
+        if self._main is not None:
+            self._main.should_exit = True
+
+    async def run(self) -> None:
+        main_app, admin, self.services = create_apps(load(self.config_path))
+        await self.services.start()
+        main = self._main = _Server(_uvicorn_config(GraceCutoff(main_app), graceful=self.graceful))
+        admin_server = _Server(_uvicorn_config(admin, graceful=1.0))
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(ValueError, RuntimeError):  # not the main thread: signals are not ours to take
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.stop)
+            reload = getattr(self.services, "reload_from_file", None)
+            if reload is not None:
+                loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(reload()))
+        admin_task = asyncio.ensure_future(admin_server.serve(sockets=[self.sockets[1]]))
+        main_task = asyncio.ensure_future(main.serve(sockets=[self.sockets[0]]))
+        while not (main.started and admin_server.started) and not main_task.done():
+            await asyncio.sleep(0.01)
+        self.started.set()
+        try:
+            await main_task
+        finally:
+            admin_server.should_exit = True
+            await admin_task
+            await self.services.aclose()
+
+
+def _run_worker(config_path: str, main_sock: socket.socket, admin_sock: socket.socket, graceful: float) -> None:
+    _setup_logging()
+    try:
+        import uvloop
+
+        runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
+    except ImportError:
+        runner = asyncio.Runner()
+    with runner:
+        runner.run(Serving(config_path, main_sock, admin_sock, graceful).run())
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(
+        level=logging.WARNING, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+
+
+class ListenError(Exception):
+    """A port that cannot be listened on (in use, privileged, no such address): one line for the operator."""
+
+
+def _listen(host: str, port: int, what: str) -> socket.socket:
+    try:
+        return bind(host, port)
+    except OSError as exc:
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        reason = "the address is already in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
+        raise ListenError(f"cannot listen on {address} ({what}): {reason}") from None
+
+
+def run(config_path: str, host: str, port: int, admin_host: str, admin_port: int, workers: int,
+        graceful: float = 30.0) -> int:
+    main_sock = _listen(host, port, "--port")
+    try:
+        admin_sock = _listen(admin_host, admin_port, "--admin-port")
+    except ListenError:
+        main_sock.close()
+        raise
+    if workers <= 1:
+        _run_worker(config_path, main_sock, admin_sock, graceful)
+        return 0
+    return _supervise(config_path, main_sock, admin_sock, workers, graceful)
+
+
+def _supervise(config_path: str, main_sock: socket.socket, admin_sock: socket.socket, workers: int,
+               graceful: float) -> int:
+    context = multiprocessing.get_context("spawn")
+    stopping = 0  # the signal that asked us to stop
+    os.environ["SIDECAR_SUPERVISOR_PID"] = str(os.getpid())
+    metrics_dir = _multiprocess_metrics_dir()
+
+    def spawn() -> Any:
+        process = context.Process(target=_run_worker, args=(config_path, main_sock, admin_sock, graceful), daemon=False)
+        process.start()
+        return process
+
+    spawning = True
+    processes = [spawn() for _ in range(workers)]
+    spawning = False
+
+    def stop_listening() -> None:
+        # The workers close their copies when they start draining; while the parent holds one the kernel keeps
+        # the port listening and completes handshakes that no worker will ever accept (reset at exit). Closed
+        # here, a new connection is refused at once and the client can go to another replica.
+        main_sock.close()
+        admin_sock.close()
+
+    def on_signal(sig: int, frame: Any) -> None:
+        nonlocal stopping
+        if sig != signal.SIGHUP:
+            stopping = sig
+            if not spawning:  # a worker being started still needs the sockets passed to it; closed after
+                stop_listening()
+        for process in processes:
+            if process.pid and process.is_alive():
+                os.kill(process.pid, sig)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, on_signal)
+    while not stopping:
+        time.sleep(0.2)
+        for i, process in enumerate(processes):
+            if not process.is_alive() and not stopping:
+                log.warning("worker %s exited with %s; starting another", process.pid, process.exitcode)
+                _mark_dead(process.pid)
+                spawning = True
+                processes[i] = spawn()
+                spawning = False
+    stop_listening()
+    for process in processes:  # one started while the signal was passed on has not had it
+        if process.pid and process.is_alive():
+            os.kill(process.pid, stopping)
+    deadline = time.monotonic() + graceful + 5
+    for process in processes:
+        process.join(max(0.1, deadline - time.monotonic()))
+        if process.is_alive():
+            process.kill()
+    import shutil
+
+    shutil.rmtree(metrics_dir, ignore_errors=True)
+    return 0
+
+
+def _multiprocess_metrics_dir() -> str:
+    """prometheus-client's multiprocess mode: every worker writes its samples to files in one directory and a
+    scrape of any worker sums them all."""
+    import tempfile
+
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.mkdtemp(prefix="sidecar-metrics-")
+    os.makedirs(directory, exist_ok=True)
+    for name in os.listdir(directory):
+        if name.endswith(".db"):
+            os.unlink(os.path.join(directory, name))
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+    return directory
+
+
+def _mark_dead(pid: int | None) -> None:
+    if pid is not None:
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid)

@@ -1,0 +1,1 @@
+"""Shared state in Redis (or in memory): the store, client tokens, client public keys."""

@@ -1,0 +1,1 @@
+"""Webhooks: signing, the durable queue (memory or Redis Streams), the delivery worker."""

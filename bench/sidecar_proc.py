@@ -60,7 +60,11 @@ class Sidecar:
         env = {**os.environ, "SIDECAR_ADMIN_TOKEN": ADMIN_TOKEN}
         env.pop("SIDECAR_CONFIG", None)
         if self.transport:
-            env["SIDECAR_FORWARD_TRANSPORT"] = self.transport
+            # aiohttp is not shipped in the package: bench/aiohttp_transport.py is named as module:Class
+            env["SIDECAR_FORWARD_TRANSPORT"] = (
+                "bench.aiohttp_transport:AiohttpTransport" if self.transport == "aiohttp" else self.transport)
+            if self.transport == "aiohttp":
+                env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
         with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
             # stdout carries the audit log (one JSON line per request): kept in a file, as in production.
             self.proc = subprocess.Popen(

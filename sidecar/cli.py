@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from sidecar.config.model import config_path, load
+from sidecar.config.loader import config_path, load
 from sidecar.config.yaml_lines import ConfigError
 
 
@@ -59,7 +59,7 @@ def _load_or_report(path: str):  # type: ignore[no-untyped-def]
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from sidecar.proxy.transports.base import transport_kind
+    from sidecar.proxy.transports.registry import transport_kind
     from sidecar.server.runner import ListenError, run
 
     path = config_path(args.config)

@@ -19,7 +19,8 @@ from sidecar.issuer.signing_keys import IDENTITY_TOKEN_TYPE, SigningKeys
 from sidecar.ops.audit import AuditLog
 from sidecar.ops.metrics import Metrics
 from sidecar.proxy.route_plans import Policy
-from sidecar.proxy.transports.base import Transport, make_transport
+from sidecar.proxy.transports.base import Transport
+from sidecar.proxy.transports.registry import make_transport
 from sidecar.proxy.verdict_cache import StoreVerdicts, VerdictCache
 from sidecar.state.client_public_keys import PUBLIC_KEY_UPDATED, ClientKeys
 from sidecar.state.client_token_store import ClientTokens
@@ -215,7 +216,7 @@ class Services:
         with the policy's transports). A bad file, or one changing a key that needs a restart (`RESTART_KEYS`),
         is refused as a whole: the running configuration stays in force. Requests in flight keep the policy they
         started with."""
-        from sidecar.config.model import load
+        from sidecar.config.loader import load
         from sidecar.config.yaml_lines import ConfigError
 
         path = self.loaded.path

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from sidecar.authn.hmac_values import InvalidValue, sign, verify
 from sidecar.authn.ip_key_sealing import InvalidKey, KeyClaims, Keyring
-from sidecar.config.model import parse
+from sidecar.config.loader import parse
 from sidecar.config.yaml_lines import ConfigError
 from sidecar.errors import BadRequest
 from sidecar.proxy.routing import glob_to_regex, matching_path, normalise_path

@@ -208,7 +208,7 @@ def test_value_is_url_encoded_into_the_url(sidecar, service):
 def test_private_address_allowed_unless_the_guard_is_on(service):
     """A validator on a literal loopback address is the operator's own service: accepted when the config loads;
     `allow_private: false` turns the SSRF guard on and refuses it (names resolving there: when called)."""
-    from sidecar.config.model import parse
+    from sidecar.config.loader import parse
     from sidecar.config.yaml_lines import ConfigError
 
     _, url = service

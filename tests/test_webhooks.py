@@ -435,7 +435,7 @@ webhooks:
                                  "http://[fd00:ec2::254]/", "http://100.64.1.1/", "http://localhost:8080/"])
 def test_check_refuses_literal_private_addresses(url):
     """Every spelling of a private or loopback address is refused at load, naming the fix."""
-    from sidecar.config.model import parse
+    from sidecar.config.loader import parse
     from sidecar.config.yaml_lines import ConfigError
 
     text = json.dumps({"version": 1, "upstream": "http://127.0.0.1:9", "webhooks": [
@@ -453,7 +453,7 @@ def test_check_refuses_literal_private_addresses(url):
 ])
 def test_secret_must_be_whsec_base64(secret, ok):
     """Secrets are whsec_ + base64 of 24-64 bytes; a bad one is refused without echoing it."""
-    from sidecar.config.model import parse
+    from sidecar.config.loader import parse
     from sidecar.config.yaml_lines import ConfigError
 
     text = json.dumps({"version": 1, "upstream": "http://127.0.0.1:9", "webhooks": [

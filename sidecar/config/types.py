@@ -125,3 +125,21 @@ def load_private_key(value: Any) -> Any:
         return serialization.load_pem_private_key(value.strip().encode(), password=None)
     except (ValueError, TypeError):
         raise ValueError("not a valid unencrypted PEM private key; generate one with `sidecar keygen`") from None
+
+MAX_PEM = 16 * 1024
+ClientPublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey
+
+
+def load_client_public_key(value: Any) -> ClientPublicKey:
+    """A client's key: PEM or base64 of PEM, PKCS#1 or SubjectPublicKeyInfo; RSA of 2048 bits or more, or EC
+    P-256 — the keys of the only algorithms `client_jwt` accepts (RS256, PS256, ES256)."""
+    if isinstance(value, str) and len(value) > MAX_PEM:
+        raise ValueError(f"the key is longer than {MAX_PEM} characters; send one PEM public key")
+    key = load_public_key(value)
+    if isinstance(key, rsa.RSAPublicKey):
+        return key
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        if isinstance(key.curve, ec.SECP256R1):
+            return key
+        raise ValueError(f"EC keys must be on P-256 (ES256); this one is on {key.curve.name}")
+    raise ValueError("client keys must be RSA (2048 bits or more) or EC P-256: client_jwt accepts RS256, PS256, ES256")

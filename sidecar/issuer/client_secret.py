@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import unquote_plus
 
 if TYPE_CHECKING:
-    from sidecar.config.model import ClientConfig
+    from sidecar.config.clients import ClientConfig
 
 # Compared against when the client is unknown or has no secret, so the time taken does not tell which ids exist.
 _NO_SECRET = "0" * 64

@@ -20,7 +20,7 @@ from sidecar.issuer.sso_key import issue_sso_key
 from sidecar.state.client_token_store import token_hash
 
 if TYPE_CHECKING:
-    from sidecar.config.model import ClientConfig
+    from sidecar.config.clients import ClientConfig
     from sidecar.runtime import Services
 
 Params = dict[str, str]

@@ -11,7 +11,8 @@ from sidecar.proxy.request_view import ip_in
 
 if TYPE_CHECKING:
     from sidecar.authn.base import Identity
-    from sidecar.config.model import ClientConfig, RouteConfig
+    from sidecar.config.clients import ClientConfig
+    from sidecar.config.model import RouteConfig
 
 def authorize(route: RouteConfig, identity: Identity, client_ip: str, clients: Mapping[str, ClientConfig],
               client_bound: bool = False) -> None:

@@ -8,13 +8,14 @@ import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sidecar.authn import REGISTRY
+from sidecar.authn.registry import REGISTRY
 from sidecar.proxy.routing import CompiledRoute, RouteTable
 from sidecar.proxy.upstream_request import IdentityHeaders, StripPlan
 
 if TYPE_CHECKING:
     from sidecar.authn.base import Authenticator
-    from sidecar.config.model import ClientConfig, LoadedConfig, RouteConfig
+    from sidecar.config.clients import ClientConfig
+    from sidecar.config.model import LoadedConfig, RouteConfig
     from sidecar.proxy.transports.base import Transport
 
 

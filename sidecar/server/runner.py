@@ -22,7 +22,7 @@ from typing import Any
 
 import uvicorn
 
-from sidecar.config.model import load
+from sidecar.config.loader import load
 from sidecar.errors import ShuttingDown
 from sidecar.server.apps import create_apps
 

@@ -15,39 +15,22 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-
-from sidecar.config.types import load_public_key
+from sidecar.config.types import ClientPublicKey, load_client_public_key
 from sidecar.errors import Unauthenticated
 from sidecar.issuer.signing_keys import public_jwk
 from sidecar.state.store import PREFIX, REVOCATIONS
 
 if TYPE_CHECKING:
-    from sidecar.config.model import ClientConfig
+    from sidecar.config.clients import ClientConfig
     from sidecar.state.store import MemoryStore, RedisStore
 
 log = logging.getLogger("sidecar.state.client_public_keys")
 
 PUBLIC_KEY_UPDATED = "public_key_updated"  # message type on the revocation channel
 REFRESH = 30.0
-MAX_PEM = 16 * 1024
-
-ClientPublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey
 
 
-def load_client_public_key(value: Any) -> ClientPublicKey:
-    """A client's key: PEM or base64 of PEM, PKCS#1 or SubjectPublicKeyInfo; RSA of 2048 bits or more, or EC
-    P-256 — the keys of the only algorithms `client_jwt` accepts (RS256, PS256, ES256)."""
-    if isinstance(value, str) and len(value) > MAX_PEM:
-        raise ValueError(f"the key is longer than {MAX_PEM} characters; send one PEM public key")
-    key = load_public_key(value)
-    if isinstance(key, rsa.RSAPublicKey):
-        return key
-    if isinstance(key, ec.EllipticCurvePublicKey):
-        if isinstance(key.curve, ec.SECP256R1):
-            return key
-        raise ValueError(f"EC keys must be on P-256 (ES256); this one is on {key.curve.name}")
-    raise ValueError("client keys must be RSA (2048 bits or more) or EC P-256: client_jwt accepts RS256, PS256, ES256")
+
 
 
 def thumbprint(key: ClientPublicKey) -> str:

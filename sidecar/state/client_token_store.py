@@ -15,7 +15,7 @@ from sidecar.errors import DependencyUnavailable
 from sidecar.state.store import PREFIX, REVOCATIONS
 
 if TYPE_CHECKING:
-    from sidecar.config.model import ClientConfig
+    from sidecar.config.clients import ClientConfig
     from sidecar.state.store import MemoryStore, RedisStore
 
 TOKEN_PREFIX = "sct_"

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from adversarial_support import StrictUpstream, assert_error, get, strict_upstream, strict_upstream_server  # noqa: F401
 
-from sidecar.config.model import parse
+from sidecar.config.loader import parse
 from sidecar.config.yaml_lines import ConfigError
 from sidecar.outbound.guard import GuardedBackend, UnsafeDestination, forbidden_reason, literal_address, url_refusal
 from sidecar.outbound.pinned import PrivateAddress, pinned_target

@@ -1,0 +1,59 @@
+"""httpx as the forward transport: simple and correct, chosen explicitly (`SIDECAR_FORWARD_TRANSPORT=httpx`) or
+for https upstreams."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import httpx
+
+from sidecar.errors import UpstreamTimeout, UpstreamUnavailable
+from sidecar.proxy.transports.base import RESPONSE_HOP_BY_HOP, Body, Headers, Upstream, UpstreamResponse
+
+
+class HttpxResponse:
+    __slots__ = ("_response", "headers", "status")
+
+    def __init__(self, response: httpx.Response) -> None:
+        self._response = response
+        self.status = response.status_code
+        self.headers = [(k.lower(), v) for k, v in response.headers.raw if k.lower() not in RESPONSE_HOP_BY_HOP]
+
+    async def body(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._response.aiter_raw():
+                yield chunk
+        except httpx.HTTPError as exc:
+            raise UpstreamUnavailable("the upstream broke off its reply") from exc
+
+    async def aclose(self) -> None:
+        await self._response.aclose()
+
+
+class HttpxTransport:
+    """httpx with a tuned pool: simple and correct, but ~0.5 ms of CPU per request (see bench/)."""
+
+    def __init__(self, upstream: Upstream, connect_timeout: float, read_timeout: float, max_connections: int = 512):
+        self.upstream = upstream
+        self._client = httpx.AsyncClient(
+            timeout=httpx.Timeout(connect=connect_timeout, read=read_timeout, write=read_timeout, pool=connect_timeout),
+            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+            follow_redirects=False,
+            trust_env=False,
+            verify=True,
+        )
+
+    async def send(self, method: str, target: bytes, headers: Headers, body: Body) -> UpstreamResponse:
+        url = httpx.URL(scheme=self.upstream.scheme, host=self.upstream.host, port=self.upstream.port,
+                        raw_path=target)
+        request = self._client.build_request(method, url, headers=headers, content=body)
+        try:
+            response = await self._client.send(request, stream=True)
+        except httpx.TimeoutException as exc:
+            raise UpstreamTimeout("the upstream did not answer in time") from exc
+        except (httpx.HTTPError, OSError) as exc:
+            raise UpstreamUnavailable("the upstream could not be reached") from exc
+        return HttpxResponse(response)
+
+    async def aclose(self) -> None:
+        await self._client.aclose()

@@ -6,11 +6,12 @@ connection, as real backends do (a 401 or 413 decided from the head). A correct 
 that body (its framing says how long it is) and parses the next request after it. That is exactly what makes a
 pool that stops mid-body dangerous: the bytes it sends next are read as the rest of that body.
 
-A request's behaviour is encoded in its path, `/r/<id>/<when>.<framing>.<connection>.<interim>.<pace>`:
+A request's behaviour is encoded in its path, `[prefix]/r/<id>/<when>.<framing>.<connection>.<interim>.<pace>`:
 - when: `early` (answer right after the head, then read the body), `after` (read the body, then answer),
   `cut` (close right after the head, nothing answered), `drop` (read the whole request, close, nothing answered);
 - framing: `sized` (Content-Length) or `chunked`; connection: `keep` or `close` (Connection: close, then close);
-- interim: `none`, `100` or `103` sent before the answer; pace: `fast`, or `slow` (the answer in pieces).
+- interim: `none`, `100` or `103` sent before the answer; pace: `fast`, `slow` (the answer in pieces), or `stall`
+  (its first piece, then silence for `STALL` seconds before the rest).
 Any other path is answered `after.sized.keep.none.fast`. Every answer echoes the request target, in the body
 (`reply:<target>`) and in `X-Echo`.
 """
@@ -29,7 +30,8 @@ WHEN = ("early", "after", "cut", "drop")
 FRAMING = ("sized", "chunked")
 CONNECTION = ("keep", "close")
 INTERIM = ("none", "100", "103")
-PACE = ("fast", "slow")
+PACE = ("fast", "slow", "stall")
+STALL = 0.4  # seconds a `stall` reply stops after its first piece: longer than the read timeout the tests use
 
 
 @dataclass(frozen=True)
@@ -46,11 +48,14 @@ class Plan:
     @classmethod
     def of(cls, target: str) -> Plan:
         parts = target.split("/")
-        if len(parts) == 4 and parts[1] == "r":
-            fields = parts[3].split(".")
+        if len(parts) >= 4 and parts[-3] == "r":  # `/r/<id>/<plan>`, under any prefix (`/public/r/...`)
+            fields = parts[-1].split(".")
             if len(fields) == 5:
                 return cls(*fields)
         return cls()
+
+    def under(self, prefix: str, request_id: str) -> str:
+        return prefix + self.path(request_id)
 
     @property
     def answers(self) -> bool:
@@ -75,9 +80,18 @@ class Parsed:
     def header(self, name: bytes) -> bytes | None:
         return next((v for k, v in self.headers if k == name), None)
 
+    def head_size(self) -> int:
+        """The size of the head as it came in (h11 lower-cases names and trims values; the pool sends them so)."""
+        line = len(self.method) + len(self.target) + len(" HTTP/1.1\r\n") + 1
+        return line + sum(len(k) + len(v) + 4 for k, v in self.headers) + 2
+
 
 @dataclass
-class StrictUpstream:
+class ScriptedUpstream:
+    """The upstream itself: `await ScriptedUpstream().start()` in the test's loop, or `scripted_upstream_in_thread()`.
+    `parsed` is every request in the order h11 parsed it, `garbage` any protocol error that was not a request cut
+    short by its connection closing (there should be none: the pool sends only well-framed requests)."""
+
     port: int = 0
     parsed: list[Parsed] = field(default_factory=list)
     garbage: list[str] = field(default_factory=list)  # protocol errors other than "closed mid-body"
@@ -88,7 +102,7 @@ class StrictUpstream:
     def requests(self) -> list[tuple[str, str]]:
         return [(p.method, p.target) for p in self.parsed]
 
-    async def start(self) -> StrictUpstream:
+    async def start(self) -> ScriptedUpstream:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
@@ -133,14 +147,13 @@ class StrictUpstream:
             if plan.connection == "close":
                 headers.append((b"connection", b"close"))
             writer.write(conn.send(h11.Response(status_code=200, headers=headers)))
-            pieces = [body[:3], body[3:7], body[7:]] if plan.pace == "slow" else [body]
+            pieces = [body] if plan.pace == "fast" else [body[:3], body[3:7], body[7:]]
             if request.method != "HEAD":
                 for piece in pieces:
-                    if piece:
-                        writer.write(conn.send(h11.Data(data=piece)))
-                        if plan.pace == "slow":
-                            await writer.drain()
-                            await asyncio.sleep(0.002)
+                    writer.write(conn.send(h11.Data(data=piece)))
+                    if plan.pace != "fast":
+                        await writer.drain()
+                        await asyncio.sleep(STALL if plan.pace == "stall" else 0.002)
             writer.write(conn.send(h11.EndOfMessage()))
             await writer.drain()
 
@@ -185,13 +198,13 @@ class StrictUpstream:
 
 
 @contextlib.contextmanager
-def strict_upstream_in_thread() -> Iterator[StrictUpstream]:
+def scripted_upstream_in_thread() -> Iterator[ScriptedUpstream]:
     """The strict upstream on its own event loop in a background thread (for a sidecar running in another)."""
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
     try:
-        upstream = asyncio.run_coroutine_threadsafe(StrictUpstream().start(), loop).result(5)
+        upstream = asyncio.run_coroutine_threadsafe(ScriptedUpstream().start(), loop).result(5)
         try:
             yield upstream
         finally:

@@ -1,6 +1,6 @@
 """The httptools pool never hands the upstream a connection out of step: a connection goes back to the pool only
 when its request was written whole and its reply read whole (see `sidecar.pool.Connection`). Each test drives
-`PoolTransport` against a real upstream on loopback (`pool_support.StrictUpstream`, strict h11 parsing, or a raw
+`PoolTransport` against a real upstream on loopback (`pool_support.ScriptedUpstream`, strict h11 parsing, or a raw
 socket server where the upstream itself must misbehave) and asserts on what the upstream parsed and what each
 caller got back."""
 
@@ -12,7 +12,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
-from pool_support import Plan, StrictUpstream, reply_body
+from pool_support import Plan, ScriptedUpstream, reply_body
 
 from sidecar.errors import UpstreamTimeout, UpstreamUnavailable
 from sidecar.forward import Upstream
@@ -22,8 +22,8 @@ HOST = [(b"host", b"backend")]
 
 
 @pytest.fixture
-async def strict() -> AsyncIterator[StrictUpstream]:
-    upstream = await StrictUpstream().start()
+async def strict() -> AsyncIterator[ScriptedUpstream]:
+    upstream = await ScriptedUpstream().start()
     yield upstream
     await upstream.stop()
 
@@ -77,7 +77,7 @@ async def call(pool: PoolTransport, method: str, target: str, body: object = Non
     return response.status, dict(response.headers), data
 
 
-async def test_early_answer_mid_body_does_not_smuggle_the_next_request(strict: StrictUpstream) -> None:
+async def test_early_answer_mid_body_does_not_smuggle_the_next_request(strict: ScriptedUpstream) -> None:
     """An upstream answers before the request body has been forwarded and keeps the connection: the next request
     through the pool is parsed as itself, not as the rest of that body (its own body is never run as a request)."""
     pool = pool_for(strict.port)
@@ -106,7 +106,7 @@ async def test_early_answer_mid_body_does_not_smuggle_the_next_request(strict: S
     assert strict.garbage == []
 
 
-async def test_body_shorter_than_its_content_length_is_not_reused(strict: StrictUpstream) -> None:
+async def test_body_shorter_than_its_content_length_is_not_reused(strict: ScriptedUpstream) -> None:
     """A streamed body that ends before its declared length is never followed by another request on that
     connection: the upstream would read that request as the missing bytes."""
     pool = pool_for(strict.port)
@@ -124,7 +124,7 @@ async def test_body_shorter_than_its_content_length_is_not_reused(strict: Strict
     assert strict.garbage == []
 
 
-async def test_body_longer_than_its_content_length_is_refused(strict: StrictUpstream) -> None:
+async def test_body_longer_than_its_content_length_is_refused(strict: ScriptedUpstream) -> None:
     """A streamed body longer than its declared length is a 502 before the excess is written: the excess never
     reaches the upstream as a request of its own."""
     pool = pool_for(strict.port)
@@ -142,7 +142,7 @@ async def test_body_longer_than_its_content_length_is_refused(strict: StrictUpst
     assert strict.parsed[0].body == b"12345"
 
 
-async def test_the_pool_frames_a_body_it_holds_itself(strict: StrictUpstream) -> None:
+async def test_the_pool_frames_a_body_it_holds_itself(strict: ScriptedUpstream) -> None:
     """A caller's Content-Length that disagrees with the bytes given is replaced: the upstream reads one request
     with the whole body."""
     pool = pool_for(strict.port)
@@ -155,7 +155,7 @@ async def test_the_pool_frames_a_body_it_holds_itself(strict: StrictUpstream) ->
 
 
 @pytest.mark.parametrize("how", ["cancelled", "body-raised"])
-async def test_a_body_broken_off_closes_the_connection(strict: StrictUpstream, how: str) -> None:
+async def test_a_body_broken_off_closes_the_connection(strict: ScriptedUpstream, how: str) -> None:
     """A request whose body iterator raises (the client went away) or whose task is cancelled mid-body releases its
     slot and its connection; the next request is parsed as itself."""
     pool = pool_for(strict.port, max_connections=1)
@@ -180,7 +180,7 @@ async def test_a_body_broken_off_closes_the_connection(strict: StrictUpstream, h
     assert strict.garbage == []
 
 
-async def test_a_request_the_upstream_may_have_run_is_not_sent_twice(strict: StrictUpstream) -> None:
+async def test_a_request_the_upstream_may_have_run_is_not_sent_twice(strict: ScriptedUpstream) -> None:
     """A POST on a kept-alive connection that the upstream closes after reading it, without a reply, is a 502 and
     is not retried (RFC 9112 §9.3.1); a GET in the same case is retried once."""
     pool = pool_for(strict.port)
@@ -197,7 +197,7 @@ async def test_a_request_the_upstream_may_have_run_is_not_sent_twice(strict: Str
                                  ("GET", get_drop)]
 
 
-async def test_a_stale_read_timer_never_fires_on_the_next_request(strict: StrictUpstream) -> None:
+async def test_a_stale_read_timer_never_fires_on_the_next_request(strict: ScriptedUpstream) -> None:
     """A reply that arrives while the body is still being sent leaves no read timer behind: a slow upload that
     follows on the same connection is not cut off by the previous request's timeout."""
     pool = pool_for(strict.port, read_timeout=0.5)

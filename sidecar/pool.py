@@ -249,6 +249,8 @@ class Connection(asyncio.Protocol):
 
     async def write(self, data: bytes) -> None:
         if self.transport is None or self.transport.is_closing():
+            if self._error is None and self._headers_waiter.done():
+                return  # answered, then closed by the upstream: the rest of the request is moot (never reused)
             raise self._error or _StaleConnection()
         self.transport.write(data)
         if self._paused and not self._headers_waiter.done():
@@ -323,6 +325,7 @@ class PoolTransport:
         self._idle: collections.deque[Connection] = collections.deque()
         self._slots = asyncio.Semaphore(max_connections)
         self._host_header = f"{upstream.host}:{upstream.port}".encode()
+        self._closed = False
         self.loop: Any = None
 
     def forget(self, conn: Connection) -> None:
@@ -334,7 +337,7 @@ class PoolTransport:
     def release(self, conn: Connection) -> None:
         """Back to the pool if `conn.reusable()` (the whole invariant, from explicit state), else closed."""
         self._slots.release()
-        if conn.reusable() and len(self._idle) < self.max_idle:
+        if conn.reusable() and len(self._idle) < self.max_idle and not self._closed:
             conn.reset()
             conn.idle = True
             self._idle.append(conn)
@@ -422,6 +425,7 @@ class PoolTransport:
         conn.sent = chunked or left == 0
 
     async def aclose(self) -> None:
+        self._closed = True  # connections still busy are closed when released
         while self._idle:
             self._idle.pop().close()
 
@@ -441,7 +445,9 @@ def _request_head(method: str, target: bytes, headers: Headers, body: Body,
             elif name == b"content-length":
                 if isinstance(body, bytes):
                     continue
-                declared = int(value) if value.isdigit() else -1  # -1: never matches, never reused
+                if declared is not None or not value.isdigit():  # two lengths, or one a backend may read otherwise
+                    raise UpstreamUnavailable("the request's Content-Length is malformed")
+                declared = int(value)
             elif name == b"transfer-encoding":
                 continue  # the pool's own chunking, never a caller's
             else:

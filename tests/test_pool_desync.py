@@ -142,6 +142,23 @@ async def test_body_longer_than_its_content_length_is_refused(strict: ScriptedUp
     assert strict.parsed[0].body == b"12345"
 
 
+@pytest.mark.parametrize("lengths", [[b"5", b"5"], [b"5, 5"], [b"+5"], [b"0x5"]])
+async def test_a_streamed_body_with_an_ambiguous_length_is_refused(
+    strict: ScriptedUpstream, lengths: list[bytes],
+) -> None:
+    """A streamed body whose Content-Length a backend could read two ways is a 502 before anything is sent."""
+    pool = pool_for(strict.port)
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b"12345"
+
+    with pytest.raises(UpstreamUnavailable):
+        await call(pool, "POST", "/a", body(), [*HOST, *((b"content-length", v) for v in lengths)])
+    await pool.aclose()
+    await asyncio.sleep(0.05)
+    assert strict.parsed == []
+
+
 async def test_the_pool_frames_a_body_it_holds_itself(strict: ScriptedUpstream) -> None:
     """A caller's Content-Length that disagrees with the bytes given is replaced: the upstream reads one request
     with the whole body."""

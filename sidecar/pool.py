@@ -196,7 +196,8 @@ class Connection(asyncio.Protocol):
         self._cancel_timer()
         if not self._headers_waiter.done():
             self._headers_waiter.set_result(None)
-        self._release_writer(None)  # a write waiting on an upstream that answered instead of reading stops waiting
+        if self._drain_waiter is not None:  # a write waiting on an upstream that answered instead of reading: stop
+            self._release_writer(None)
 
     def on_body(self, body: bytes) -> None:
         self._chunks.append(body)

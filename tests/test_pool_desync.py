@@ -1,5 +1,5 @@
 """The httptools pool never hands the upstream a connection out of step: a connection goes back to the pool only
-when its request was written whole and its reply read whole (see `sidecar.pool.Connection`). Each test drives
+when its request was written whole and its reply read whole (see `sidecar.proxy.transports.httptools_pool.Connection`). Each test drives
 `PoolTransport` against a real upstream on loopback (`pool_support.ScriptedUpstream`, strict h11 parsing, or a raw
 socket server where the upstream itself must misbehave) and asserts on what the upstream parsed and what each
 caller got back."""
@@ -15,8 +15,8 @@ import pytest
 from pool_support import Plan, ScriptedUpstream, reply_body
 
 from sidecar.errors import UpstreamTimeout, UpstreamUnavailable
-from sidecar.forward import Upstream
-from sidecar.pool import HIGH_WATER, PoolTransport
+from sidecar.proxy.transports.base import Upstream
+from sidecar.proxy.transports.httptools_pool import HIGH_WATER, PoolTransport
 
 HOST = [(b"host", b"backend")]
 

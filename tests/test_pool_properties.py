@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 from pool_support import CONNECTION, FRAMING, INTERIM, PACE, WHEN, Plan, ScriptedUpstream, reply_body
 
 from sidecar.errors import UpstreamTimeout, UpstreamUnavailable
-from sidecar.forward import Upstream
-from sidecar.pool import IDEMPOTENT, PoolTransport
+from sidecar.proxy.transports.base import Upstream
+from sidecar.proxy.transports.httptools_pool import IDEMPOTENT, PoolTransport
 
 with warnings.catch_warnings():
     # As in test_properties.py: hypothesis's patch writer warns on import; under `filterwarnings = error` that would

@@ -1,5 +1,6 @@
 """The httptools pool never hands the upstream a connection out of step: a connection goes back to the pool only
-when its request was written whole and its reply read whole (see `sidecar.proxy.transports.httptools_pool.Connection`). Each test drives
+when its request was written whole and its reply read whole (see `Connection` in
+proxy/transports/httptools_pool.py). Each test drives
 `PoolTransport` against a real upstream on loopback (`pool_support.ScriptedUpstream`, strict h11 parsing, or a raw
 socket server where the upstream itself must misbehave) and asserts on what the upstream parsed and what each
 caller got back."""

@@ -291,8 +291,9 @@ class Config(Model):
     def _redis(cls, value: str | None) -> str | None:
         if not value:
             return None
-        if not re.match(r"^(redis|rediss|redis\+sentinel|redis\+cluster|unix)://", value):
-            raise ValueError("redis must be a URL: redis://host:6379/0, rediss://, redis+sentinel:// or redis+cluster://")
+        from sidecar.redis_target import parse_redis_url
+
+        parse_redis_url(value).check_files()  # a ValueError says what is wrong, never repeating a password
         return value
 
     def client(self, client_id: str) -> ClientConfig | None:

@@ -82,7 +82,7 @@ class Services:
             shared=StoreVerdicts(self.store) if self.store.shared else None,
             on_result=self.metrics.cache_result,
         )
-        self.client_tokens = ClientTokens(self.store, config.clients)
+        self.client_tokens = ClientTokens(self.store, config.clients, on_revoked=self._evict_token)
         self.client_keys = ClientKeys(self.store)
         self.events = Events()
         self.webhooks = Webhooks(self)
@@ -91,20 +91,23 @@ class Services:
         self.store.subscribe(self._on_store_message)
         if hasattr(self.store, "on_reconnect"):
             self.store.on_reconnect(self._forget_revocable_verdicts)
+            self.store.on_health(self.metrics.redis_health)
         self._background: list[asyncio.Task[None]] = []
         self._identity_tokens: dict[tuple[Any, ...], tuple[str, float]] = {}
         self.ready = True
 
     def _on_store_message(self, message: dict[str, Any]) -> None:
         if message.get("type") == "token_revoked":
-            hex_hash = message.get("token_hash")
-            self.cache.local.evict_where(lambda v: getattr(v, "claims", {}).get("token_hash") == hex_hash)
+            self._evict_token(message.get("token_hash"))
         elif message.get("type") == PUBLIC_KEY_UPDATED:
             # The next request verifies with the new key: drop the old parsed key, the client's cached
             # identities, and cached refusals (one may be "no key registered" for this very client).
             client = str(message.get("client"))
             self.client_keys.forget(client)
             self.cache.local.evict_where(lambda v: getattr(v, "client", client) == client)
+
+    def _evict_token(self, hex_hash: Any) -> None:
+        self.cache.local.evict_where(lambda v: getattr(v, "claims", {}).get("token_hash") == hex_hash)
 
     def _forget_revocable_verdicts(self) -> None:
         """Revocations may have been missed while the channel was down: drop every verdict they could affect."""
@@ -185,6 +188,7 @@ class Services:
         self._background.append(asyncio.ensure_future(self.watch_config()))
         self._background.append(asyncio.ensure_future(self._every(5.0, self.client_tokens.flush_last_used)))
         self._background.append(asyncio.ensure_future(self._every(1.0, self._flush_metrics)))
+        self._background.append(asyncio.ensure_future(self._every(1.0, self.client_tokens.announce_pending)))
         await self._load_jwks()
 
     async def _flush_metrics(self) -> None:

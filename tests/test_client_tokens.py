@@ -163,6 +163,70 @@ def test_revoking_another_clients_token_is_404(sidecar):
     assert response.status_code == 404
 
 
+def test_revoking_twice_answers_204_both_times(sidecar):
+    """A retried revocation (the first answer lost, say) answers 204 again, never 404, and the token stays refused."""
+    minted = mint(sidecar)
+    url = f"{sidecar.admin_url}/admin/clients/01400-2/tokens/{minted['id']}"
+    assert [httpx.delete(url, headers=ADMIN_HEADERS).status_code for _ in range(2)] == [204, 204]
+    assert wait_refused(sidecar.url, minted["token"]) < 1.0
+    listing = httpx.get(sidecar.admin_url + "/admin/clients", headers=ADMIN_HEADERS).json()
+    partner = next(c for c in listing["clients"] if c["id"] == "01400-2")
+    assert minted["id"] not in [t["id"] for t in partner["tokens"]]
+
+
+def test_tokens_of_the_old_key_layout_keep_working_and_can_be_revoked(upstream, redis_url):  # noqa: F811
+    """A token minted under the key layout before `{client}` hash tags works, is listed, and its revocation answers
+    204 and refuses it; a YAML token revoked under the old layout stays revoked."""
+    import redis
+
+    old_token = new_token()
+    record = {"id": "tok_0123456789ab", "client": "01400-2", "created": "2024-01-02T03:04:05Z", "last4": old_token[-4:]}
+    with redis.Redis.from_url(redis_url) as client:
+        client.set(f"sidecar:token:{{{token_hash(old_token)}}}", json.dumps(record))
+        client.set("sidecar:token-id:tok_0123456789ab", json.dumps({**record, "hash": token_hash(old_token)}))
+        client.sadd("sidecar:client-tokens:01400-2", "tok_0123456789ab")
+        client.set(f"sidecar:revoked:{{{token_hash(OTHER_TOKEN)}}}", "1")
+    with running_sidecar(config(upstream.url, redis_url)) as sc:
+        assert httpx.get(sc.url + "/api/v1/transactions/1", headers={"X-Client-Token": old_token}).status_code == 200
+        assert httpx.get(sc.url + "/api/v1/reports/1", headers={"X-Client-Token": OTHER_TOKEN}).status_code == 401
+        listing = httpx.get(sc.admin_url + "/admin/clients", headers=ADMIN_HEADERS).json()
+        partner = next(c for c in listing["clients"] if c["id"] == "01400-2")
+        assert {"id": "tok_0123456789ab", "source": "admin", "last4": old_token[-4:], "created": record["created"],
+                "last_used": None, "revoked": False} in partner["tokens"]
+        url = f"{sc.admin_url}/admin/clients/01400-2/tokens/tok_0123456789ab"
+        assert httpx.delete(url, headers=ADMIN_HEADERS).status_code == 204
+        assert wait_refused(sc.url, old_token) < 1.0
+        assert httpx.delete(url, headers=ADMIN_HEADERS).status_code == 204
+
+
+def test_a_revocation_whose_announcement_failed_is_announced_later(upstream, redis_url):  # noqa: F811
+    """The announcement fails once after the revocation is stored (faked: Redis cannot be made to refuse PUBLISH
+    alone): the caller gets 503, this process refuses the token at once, the other process within a few seconds
+    (announced again in the background), and the retried revocation answers 204."""
+    from sidecar.errors import DependencyUnavailable
+
+    with running_sidecar(config(upstream.url, redis_url)) as first, \
+            running_sidecar(config(upstream.url, redis_url)) as second:
+        minted = mint(first)
+        for sc in (first, second):
+            assert httpx.get(sc.url + "/api/v1/transactions/1",
+                             headers={"X-Client-Token": minted["token"]}).status_code == 200
+        store = first.services.store
+        publish = store.publish
+
+        async def failing_once(channel, message):
+            store.publish = publish
+            raise DependencyUnavailable("the shared store (Redis) is unavailable")
+
+        store.publish = failing_once
+        url = f"{first.admin_url}/admin/clients/01400-2/tokens/{minted['id']}"
+        assert httpx.delete(url, headers=ADMIN_HEADERS).status_code == 503
+        assert httpx.get(first.url + "/api/v1/transactions/1",
+                         headers={"X-Client-Token": minted["token"]}).status_code == 401
+        assert wait_refused(second.url, minted["token"], within=2.0) < 2.0
+        assert httpx.delete(url, headers=ADMIN_HEADERS).status_code == 204
+
+
 def test_revocation_reaches_another_process_within_a_second(upstream, redis_url, tmp_path):  # noqa: F811
     """Revoke on one process while another holds an accepted verdict in its local cache: it refuses within 1 s."""
     path = tmp_path / "sidecar.yaml"
@@ -187,16 +251,25 @@ def test_minted_token_survives_restart(upstream, redis_url):  # noqa: F811
 
 
 def test_redis_unreachable_fails_closed(upstream):
-    """Redis configured but unreachable: 503 dependency_unavailable, never 200; /readyz says not ready."""
+    """Redis configured but unreachable: 503 dependency_unavailable, never 200; /readyz stays 200 (Redis is shared
+    by every replica) and its body says Redis is unreachable and what fails closed."""
     dead = f"redis://127.0.0.1:{free_port()}/0"
     with running_sidecar(config(upstream.url, dead)) as sc:
+        started = time.monotonic()
         response = httpx.get(sc.url + "/api/v1/transactions/1", headers={"X-Client-Token": PARTNER_TOKEN})
         assert response.status_code == 503
+        assert time.monotonic() - started < 0.5
         assert response.json()["error"] == "dependency_unavailable"
         assert upstream.received == []
         ready = httpx.get(sc.admin_url + "/readyz")
-        assert ready.status_code == 503
-        assert "redis unreachable" in ready.json()["problems"]
+        assert ready.status_code == 200
+        redis = ready.json()["redis"]
+        assert (redis["mode"], redis["reachable"], redis["revocations_channel"]) == ("standalone", False, "down")
+        assert redis["error"] == "connection refused"
+        assert "authenticator client_token: client tokens" in redis["failing_closed"]
+        metrics = httpx.get(sc.admin_url + "/metrics").text
+        assert "sidecar_redis_up 0.0" in metrics
+        assert "sidecar_redis_revocations_listening 0.0" in metrics
 
 
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {ADMIN}"}])

@@ -412,6 +412,8 @@ def test_helm_renders_secrets_redis_and_optional_resources(tmp_path):
         ({"mode": "standalone", "host": "r"}, "redis://r:6379/0"),
         ({"mode": "standalone", "host": "r", "tls": True, "port": 6380, "db": 2}, "rediss://r:6380/2"),
         ({"mode": "cluster", "host": "rc"}, "redis+cluster://rc:6379"),
+        ({"mode": "cluster", "host": "rc", "tls": True}, "rediss+cluster://rc:6379"),
+        ({"mode": "sentinel", "host": "s", "tls": True}, "rediss+sentinel://s:26379/mymaster/0"),
     ],
 )
 def test_helm_builds_redis_urls(tmp_path, redis, url):

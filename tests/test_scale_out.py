@@ -4,8 +4,6 @@ a second, and two processes share one webhook queue (each event delivered once).
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,9 +11,10 @@ from typing import Any
 
 import httpx
 import pytest
+from redis_support import start_sentinel
 
 from sidecar.state.client_token_store import new_token, token_hash
-from sidecar.testing import SidecarProcess, free_port, serve_in_thread
+from sidecar.testing import SidecarProcess, serve_in_thread
 
 ADMIN = "scale-admin-token-0123456789abcdef"
 HEADERS = {"Authorization": f"Bearer {ADMIN}"}
@@ -23,46 +22,14 @@ SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 TOKEN = new_token()
 
 
-def _wait_port(port: int, timeout: float = 10.0) -> None:
-    import socket
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2) as sock:
-                sock.sendall(b"PING\r\n")
-                if sock.recv(16).startswith(b"+PONG"):
-                    return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing answers PING on port {port}")
-
-
 @pytest.fixture(scope="module")
 def sentinel_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A master and one Sentinel watching it, both our own processes on free ports."""
-    server = shutil.which("redis-server")
-    if server is None:
-        pytest.skip("redis-server is not on PATH (apt-get install redis-server): the Sentinel test needs it")
-    directory = tmp_path_factory.mktemp("sentinel")
-    master_port, sentinel_port = free_port(), free_port()
-    master = subprocess.Popen([server, "--port", str(master_port), "--bind", "127.0.0.1", "--save", "",
-                               "--appendonly", "no", "--dir", str(directory)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    conf = directory / "sentinel.conf"
-    conf.write_text(f"port {sentinel_port}\nbind 127.0.0.1\ndir {directory}\n"
-                    f"sentinel monitor mymaster 127.0.0.1 {master_port} 1\n"
-                    "sentinel down-after-milliseconds mymaster 5000\n")
-    sentinel = subprocess.Popen([server, str(conf), "--sentinel"], stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
+    sentinel = start_sentinel(tmp_path_factory.mktemp("sentinel"))
     try:
-        _wait_port(master_port)
-        _wait_port(sentinel_port)
-        yield f"redis+sentinel://127.0.0.1:{sentinel_port}/mymaster/0"
+        yield sentinel.url
     finally:
-        for process in (sentinel, master):
-            process.terminate()
-            process.wait(10)
+        sentinel.stop()
 
 
 class Receiver:

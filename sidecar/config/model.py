@@ -16,6 +16,7 @@ from sidecar.authn.remote_check import RemoteCheck
 from sidecar.config.clients import ClientConfig
 from sidecar.config.types import Duration, Model, Network, load_private_key
 from sidecar.outbound.guard import url_refusal
+from sidecar.state.redis_target import parse_redis_url
 
 DEFAULT_CONFIG = "sidecar.yaml"
 
@@ -245,8 +246,7 @@ class Config(Model):
     def _redis(cls, value: str | None) -> str | None:
         if not value:
             return None
-        if not re.match(r"^(redis|rediss|redis\+sentinel|redis\+cluster|unix)://", value):
-            raise ValueError("redis must be a URL: redis://host:6379/0, rediss://, redis+sentinel:// or redis+cluster://")
+        parse_redis_url(value).check_files()  # a ValueError says what is wrong, never repeating a password
         return value
 
     def client(self, client_id: str) -> ClientConfig | None:

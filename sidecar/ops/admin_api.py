@@ -146,9 +146,11 @@ def admin_app(services: Services, extra_routes: list[Route] | None = None) -> St
 
     async def readyz(request: Request) -> Response:
         problems = await readiness_problems(services)
-        if problems:
-            return JSONResponse({"status": "not ready", "problems": problems}, status_code=503)
-        return JSONResponse({"status": "ready"})
+        body: dict[str, Any] = {"status": "not ready", "problems": problems} if problems else {"status": "ready"}
+        redis = redis_report(services)
+        if redis is not None:
+            body["redis"] = redis
+        return JSONResponse(body, status_code=503 if problems else 200)
 
     async def metrics(request: Request) -> Response:
         return Response(services.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
@@ -166,13 +168,38 @@ async def readiness_problems(services: Services) -> list[str]:
     problems = []
     if not services.ready:
         problems.append("configuration not loaded")
-    if services.store.shared and not (await services.store.ping() and services.store.connected):
-        problems.append("redis unreachable")
     for name, auth in services.policy.authenticators.items():
         jwks = getattr(auth, "jwks", None)
         if jwks is not None and not jwks.loaded:
             problems.append(f"authenticator {name}: JWKS not fetched yet")
     return problems
+
+
+# What needs Redis, by authenticator type, when Redis cannot be used (README "Sizing and scale-out").
+_NEEDS_REDIS = {"client_token": "client tokens", "client_jwt": "client JWTs (registered keys, jti replay marks)",
+                "ip_key": "single-use keys"}
+
+
+def redis_report(services: Services) -> dict[str, Any] | None:
+    """Redis's state for /readyz's body. Redis trouble does not make the process not ready — every replica
+    shares the one Redis, so failing readiness on it would take them all out of service at once (a partial
+    outage made total); what needs Redis answers 503 per request instead, and this says which, since when."""
+    store: Any = services.store
+    if not store.shared:
+        return None
+    health = store.health  # probed in the background every few seconds: never make the probe wait on Redis
+    report: dict[str, Any] = health.as_dict()
+    types = {name: cfg.type for name, cfg in services.policy.loaded.authenticators.items()}
+    if not health.healthy:
+        down = not health.reachable or health.cluster_state not in (None, "ok")
+        failing = [f"authenticator {name}: {_NEEDS_REDIS[kind]}" for name, kind in sorted(types.items())
+                   if kind in _NEEDS_REDIS and (down or kind == "client_token")]
+        if down:
+            failing.append("admin API: minting and revoking tokens, public keys, identifiers")
+            if services.policy.config.webhooks:
+                failing.append("webhooks: events raised now are not queued")
+        report["failing_closed"] = failing
+    return report
 
 
 def admin_token_ok(services: Services, header: str | None) -> bool:

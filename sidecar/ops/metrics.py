@@ -10,7 +10,7 @@ import bisect
 import os
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _BOUNDS = (*LATENCY_BUCKETS, float("inf"))
@@ -43,6 +43,7 @@ class Metrics:
         self.webhooks = Counter("sidecar_webhook_deliveries", "Webhook delivery attempts by outcome", ["outcome"],
                                 registry=r)
         self.upstream_errors = Counter("sidecar_upstream_errors", "Upstream failures", ["route", "reason"], registry=r)
+        self._redis: dict[str, Gauge] = {}
         self._requests: dict[tuple[str, str], int] = {}
         self._durations: dict[str, _Observations] = {}
         self._upstream: dict[str, _Observations] = {}
@@ -63,6 +64,23 @@ class Metrics:
 
     def cache_result(self, result: str) -> None:
         self._cache[result] = self._cache.get(result, 0) + 1
+
+    def redis_health(self, health: Any) -> None:
+        """Redis as this process sees it (set when it changes). Under `--workers N` the lowest worker's view wins
+        for the 0/1 gauges: one worker that cannot listen for revocations is a worker failing closed."""
+        values = {"sidecar_redis_up": (float(bool(health.reachable)), "1 when every Redis node answers", "livemin"),
+                  "sidecar_redis_revocations_listening": (float(health.listening),
+                                                          "1 while the revocation channel is subscribed", "livemin"),
+                  "sidecar_redis_state_since_seconds": (health.since, "Unix time of the last change of Redis state",
+                                                        "livemax")}
+        if health.mode == "cluster":
+            values["sidecar_redis_cluster_ok"] = (float(health.cluster_state == "ok"),
+                                                  "1 when every cluster master answers cluster_state:ok", "livemin")
+        for name, (value, description, mode) in values.items():
+            gauge = self._redis.get(name)
+            if gauge is None:
+                gauge = self._redis[name] = Gauge(name, description, registry=self.registry, multiprocess_mode=mode)
+            gauge.set(value)
 
     def flush(self) -> None:
         requests, self._requests = self._requests, {}

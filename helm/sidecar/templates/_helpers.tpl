@@ -67,8 +67,8 @@ The configuration file's text: .Values.config as given when it is a string, else
 {{- end }}
 
 {{/*
-SIDECAR_REDIS_URL built from .Values.redis (empty when Redis is not configured). URL forms:
-  standalone  redis://host:6379/0 (rediss:// with tls)
+SIDECAR_REDIS_URL built from .Values.redis (empty when Redis is not configured). URL forms (rediss with tls):
+  standalone  redis://host:6379/0
   sentinel    redis+sentinel://host:26379/mymaster/0
   cluster     redis+cluster://host:6379
 */}}
@@ -78,12 +78,13 @@ SIDECAR_REDIS_URL built from .Values.redis (empty when Redis is not configured).
 {{- $r.url }}
 {{- else if $r.mode }}
 {{- $host := required (printf "redis.host is required with redis.mode %s" $r.mode) $r.host }}
+{{- $scheme := ternary "rediss" "redis" (eq (toString $r.tls) "true") }}
 {{- if eq $r.mode "standalone" }}
-{{- printf "%s://%s:%d/%d" (ternary "rediss" "redis" (eq (toString $r.tls) "true")) $host (int ($r.port | default 6379)) (int $r.db) }}
+{{- printf "%s://%s:%d/%d" $scheme $host (int ($r.port | default 6379)) (int $r.db) }}
 {{- else if eq $r.mode "sentinel" }}
-{{- printf "redis+sentinel://%s:%d/%s/%d" $host (int ($r.port | default 26379)) $r.sentinelMaster (int $r.db) }}
+{{- printf "%s+sentinel://%s:%d/%s/%d" $scheme $host (int ($r.port | default 26379)) $r.sentinelMaster (int $r.db) }}
 {{- else if eq $r.mode "cluster" }}
-{{- printf "redis+cluster://%s:%d" $host (int ($r.port | default 6379)) }}
+{{- printf "%s+cluster://%s:%d" $scheme $host (int ($r.port | default 6379)) }}
 {{- else }}
 {{- fail (printf "redis.mode must be standalone, sentinel or cluster, not %q" $r.mode) }}
 {{- end }}

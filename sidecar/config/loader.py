@@ -219,10 +219,10 @@ def _cross_references(doc: YamlDocument, data: dict[str, Any], authenticators: d
                     f"unknown authenticator {name!r}; define it under authenticators (known: {known})",
                 ))
         require = route.get("require")
-        for j, client_id in _names(require.get("clients") if isinstance(require, dict) else None):
-            if client_id not in client_ids:
+        for j, required in _names(require.get("clients") if isinstance(require, dict) else None):
+            if required not in client_ids:
                 errors.append(doc.error(("routes", i, "require", "clients", j),
-                                        f"unknown client {client_id!r}; add it under clients or fix the id"))
+                                        f"unknown client {required!r}; add it under clients or fix the id"))
     for k, ((i, client), client_id) in enumerate(zip(clients, client_ids, strict=True)):
         if client_id is not None and client_ids.index(client_id) != k:
             errors.append(doc.error(("clients", i, "id"), f"client id {client_id!r} is used twice; ids must be unique"))

@@ -34,7 +34,7 @@ def algorithm_for(key: Any) -> str:
 def public_jwk(public_key: Any) -> dict[str, Any]:
     alg = algorithm_for(public_key)
     algorithm = jwt.get_algorithm_by_name(alg)
-    jwk: dict[str, Any] = json.loads(algorithm.to_jwk(public_key))  # type: ignore[arg-type]
+    jwk: dict[str, Any] = json.loads(algorithm.to_jwk(public_key))
     required = {"RSA": ("e", "kty", "n"), "EC": ("crv", "kty", "x", "y"), "OKP": ("crv", "kty", "x")}[jwk["kty"]]
     canonical = json.dumps({k: jwk[k] for k in required}, separators=(",", ":"), sort_keys=True)
     kid = base64.urlsafe_b64encode(hashlib.sha256(canonical.encode()).digest()).rstrip(b"=").decode()

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import bisect
 import os
-from typing import Any
+from typing import Any, Literal
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _BOUNDS = (*LATENCY_BUCKETS, float("inf"))
+
+
+GaugeMode = Literal["livemin", "livemax"]
 
 
 class _Observations:
@@ -68,7 +71,8 @@ class Metrics:
     def redis_health(self, health: Any) -> None:
         """Redis as this process sees it (set when it changes). Under `--workers N` the lowest worker's view wins
         for the 0/1 gauges: one worker that cannot listen for revocations is a worker failing closed."""
-        values = {"sidecar_redis_up": (float(bool(health.reachable)), "1 when every Redis node answers", "livemin"),
+        values: dict[str, tuple[float, str, GaugeMode]] = {
+                  "sidecar_redis_up": (float(bool(health.reachable)), "1 when every Redis node answers", "livemin"),
                   "sidecar_redis_revocations_listening": (float(health.listening),
                                                           "1 while the revocation channel is subscribed", "livemin"),
                   "sidecar_redis_state_since_seconds": (health.since, "Unix time of the last change of Redis state",

@@ -42,7 +42,8 @@ def _uvicorn_config(app: Any, *, graceful: float) -> uvicorn.Config:
 
     return uvicorn.Config(
         app, lifespan="off", http=CoalescingHttpToolsProtocol, loop="none", access_log=False, proxy_headers=False,
-        server_header=False, log_level="warning", timeout_graceful_shutdown=graceful,
+        server_header=False, log_level="warning",
+        timeout_graceful_shutdown=graceful,  # type: ignore[arg-type]  # typed int, but it goes to asyncio.wait_for
         timeout_keep_alive=75, h11_max_incomplete_event_size=64 * 1024,
     )
 

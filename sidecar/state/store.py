@@ -10,6 +10,7 @@ since when) is kept in `RedisHealth` for `/readyz` and the metrics."""
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import json
 import logging
@@ -124,7 +125,7 @@ class MemoryStore:
             else:
                 self._sets.get(key, set()).discard(args[0])
 
-    async def smembers(self, key: str) -> set[str]:
+    async def smembers(self, key: str) -> builtins.set[str]:
         return set(self._sets.get(key, set()))
 
     async def publish(self, channel: str, message: dict[str, Any]) -> None:
@@ -253,7 +254,7 @@ class RedisStore:
         async with failing_closed():
             await self.redis.srem(key, member)
 
-    async def smembers(self, key: str) -> set[str]:
+    async def smembers(self, key: str) -> builtins.set[str]:
         async with failing_closed():
             return set(await self.redis.smembers(key))
 

@@ -137,7 +137,7 @@ class MemoryQueue:
             self._arrived.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._arrived.wait(), block)
-        tickets = []
+        tickets: list[Ticket] = []
         while self._ready and len(tickets) < count:
             delivery_id = self._ready.popleft()
             tickets.append(Ticket(delivery_id, delivery_id))

@@ -418,7 +418,7 @@ class PoolTransport:
                     await conn.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
                 else:
                     left -= len(chunk)  # type: ignore[operator]  # declared is set when not chunked
-                    if left < 0:  # type: ignore[operator]
+                    if left < 0:
                         raise UpstreamUnavailable("the request body is longer than its Content-Length")
                     await conn.write(chunk)
         if chunked:

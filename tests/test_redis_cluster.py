@@ -19,7 +19,7 @@ import httpx
 import pytest
 from redis_support import Cluster, Sentinel, Tls, make_tls, start_sentinel
 
-from sidecar.config.model import load
+from sidecar.config.loader import load
 from sidecar.config.yaml_lines import ConfigError
 from sidecar.state.client_token_store import new_token, token_hash
 from sidecar.state.redis_target import parse_redis_url

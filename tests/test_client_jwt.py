@@ -279,7 +279,7 @@ def test_registering_a_key_makes_the_next_request_pass(
     async def sink(event: str, data: dict[str, Any]) -> None:
         events.append((event, data))
 
-    sidecar.runtime.events.add_sink(sink)
+    sidecar.services.events.add_sink(sink)
     body = {"id": "5", "token": signed(erp_keys)}
     error_body(post_support(sidecar, body), 401, "invalid_token")
 

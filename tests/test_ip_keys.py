@@ -319,7 +319,7 @@ def test_key_issued_event_never_holds_the_key(sidecar):
     async def sink(event: str, data: dict) -> None:
         events.append((event, data))
 
-    sidecar.runtime.events.add_sink(sink)
+    sidecar.services.events.add_sink(sink)
     key = issue(sidecar, user="joao", ip="127.0.0.1", single_use=True)
     issue(sidecar, user="ana", expiry_minutes=10)
     assert events[0] == ("key.issued", {"client": "01400-2", "user": "joao", "single_use": True, "expires_at": None})

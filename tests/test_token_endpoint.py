@@ -328,7 +328,7 @@ def test_custom_sso_with_a_mapped_identifier_gives_a_token_and_a_key(sidecar: Ru
     assert set(body) == {"access_token", "token_type", "expires_in", "scope", "key"}
     claims = verify_with_jwks(sidecar, body["access_token"])
     assert (claims["sub"], claims["client_id"]) == ("joana", "engage")
-    key = keyring_for(sidecar.runtime.config).open(body["key"])
+    key = keyring_for(sidecar.services.config).open(body["key"])
     assert (key.user, key.client, key.single_use, key.ip) == ("joana", "engage", True, None)
     assert key.expires_at - key.issued_at == 300
     first = httpx.get(sidecar.url + "/sso/login", params={"key": body["key"]})

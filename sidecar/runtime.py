@@ -111,8 +111,8 @@ class Services:
 
     def _forget_revocable_verdicts(self) -> None:
         """Revocations may have been missed while the channel was down: drop every verdict they could affect."""
-        revocable = {a.name for a in self.policy.authenticators.values() if getattr(a, "revocable", False)}
-        self.cache.local.evict_where(lambda v: getattr(v, "method", None) in revocable)
+        revocable = {a.name for a in self.policy.authenticators.values() if a.revocable}
+        self.cache.local.evict_where(lambda v: getattr(v, "authenticator", None) in revocable)
 
     @property
     def config(self) -> Any:
@@ -140,14 +140,14 @@ class Services:
         """The authenticators whose JWKS has no key yet (for readiness and metrics); their background loader
         keeps trying."""
         return sorted(name for name, auth in self.policy.authenticators.items()
-                      if getattr(auth, "jwks", None) is not None and not auth.jwks.loaded)  # type: ignore[attr-defined]
+                      if auth.key_set is not None and not auth.key_set.loaded)
 
     async def _load_jwks(self) -> None:
         """Fetch each JWKS the policy uses that has no key yet (once, awaited: usually the pod is ready at once);
         those still without keys get a background loader that retries until they load. Key caches no policy
         uses any more are dropped, with their loaders."""
-        in_use = {auth.jwks.url: auth.jwks for auth in self.policy.authenticators.values()  # type: ignore[attr-defined]
-                  if getattr(auth, "jwks", None) is not None}
+        in_use = {auth.key_set.url: auth.key_set for auth in self.policy.authenticators.values()
+                  if auth.key_set is not None}
         for url in [url for url in self._jwks if url not in in_use]:
             del self._jwks[url]
             loader = self._jwks_loaders.pop(url, None)
@@ -169,13 +169,13 @@ class Services:
         if not self.policy.config.identity.signed_token or not self.signing:
             return None
         # Signing costs ~1 ms (RSA): one token per identity is reused for a third of its lifetime.
-        key = (identity.subject, identity.client, identity.scopes, identity.method)
+        key = (identity.subject, identity.client, identity.scopes, identity.authenticator)
         now = time.monotonic()
         cached = self._identity_tokens.get(key)
         if cached is not None and cached[1] > now:
             return cached[0]
         claims = {"sub": identity.subject, "client_id": identity.client, "scope": " ".join(sorted(identity.scopes)),
-                  "auth_method": identity.method}
+                  "auth_method": identity.authenticator}
         token = self.signing.sign(claims, IDENTITY_TOKEN_LIFETIME, typ=IDENTITY_TOKEN_TYPE)
         if len(self._identity_tokens) > 10_000:
             self._identity_tokens.clear()
@@ -262,7 +262,7 @@ class Services:
         changed = {name for name, auth in old.authenticators.items()
                    if name not in new.authenticators or new.authenticators[name].fingerprint != auth.fingerprint}
         if changed:
-            self.cache.local.evict_where(lambda v: getattr(v, "method", None) in changed)
+            self.cache.local.evict_where(lambda v: getattr(v, "authenticator", None) in changed)
 
     async def watch_config(self, interval: float = 1.0) -> None:
         """Reload when the file changes — including a Kubernetes ConfigMap update, which swaps a `..data`

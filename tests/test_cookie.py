@@ -89,6 +89,16 @@ def test_stale_cookie_is_401(sidecar, upstream):
     assert upstream.received == []
 
 
+def test_oversized_cookie_is_401_without_a_bearer_challenge(sidecar, upstream, service):
+    """A cookie longer than 4096 characters: 401 before the service is called, with no Bearer challenge."""
+    app, _ = service
+    response = httpx.get(f"{sidecar.url}/portal/edicao/1", headers={"Cookie": "PORTAL=" + "x" * 5000})
+    assert error_body(response, 401, "invalid_token")["error_description"] == "the session cookie is too large"
+    assert "www-authenticate" not in response.headers  # a cookie is not a bearer credential
+    assert app.calls == []
+    assert upstream.received == []
+
+
 def test_no_cookie_is_401(sidecar, upstream, service):
     """Without the named cookie (other cookies do not count): 401 missing_credentials, the service not called."""
     app, _ = service

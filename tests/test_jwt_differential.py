@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
+from sidecar.authn.base import Credential
 from sidecar.authn.jwt import JwtAuthenticator, JwtConfig
 from sidecar.errors import Unauthenticated
 from sidecar.issuer.signing_keys import IDENTITY_TOKEN_TYPE
@@ -53,7 +54,7 @@ AUTHENTICATORS = {
     name: JwtAuthenticator("diff", JwtConfig(
         type="jwt", algorithms=ALGORITHMS, secret=HS_SECRET, leeway=LEEWAY,
         keys=[EC_PUBLIC.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-              .decode()], **options), services=None)
+              .decode()], **options), context=None)  # type: ignore[arg-type]  # static keys: no context used
     for name, options in CONFIGS.items()
 }
 
@@ -172,7 +173,7 @@ def encode(header: str, payload: str, alg: str, spelling: str = "plain") -> str:
 
 def sidecar_accepts(config: str, token: str) -> bool:
     try:
-        asyncio.run(AUTHENTICATORS[config].verify(token, None))  # type: ignore[arg-type]
+        asyncio.run(AUTHENTICATORS[config].verify(Credential("token", token), None))  # type: ignore[arg-type]
     except Unauthenticated:
         return False
     return True

@@ -518,7 +518,7 @@ def test_rotated_key_at_the_idp_is_accepted_without_restart(
     with jwks_sidecar(upstream.url, idp_keys.jwks()) as (sc, idp):
         # The sidecar fetched the JWKS at start; its refresh on an unknown kid is rate-limited to once per 10 s.
         # Lift that limit so the test does not sleep: the behaviour under test is the refresh itself.
-        sc.services.policy.authenticators["idp"].jwks._min_interval = 0
+        sc.services.policy.authenticators["idp"].key_set._min_interval = 0
         old = http.get(sc.url + "/api/x", headers=bearer(mint(idp_keys, sub="old-key")))
         rotated = KeyPair()
         idp.jwks = {"keys": [idp_keys.jwk, rotated.jwk]}
@@ -537,7 +537,7 @@ def test_removed_key_at_the_idp_is_refused_after_refresh(
     """A token whose key the IdP no longer publishes is refused once the JWKS is refreshed."""
     retired = KeyPair()
     with jwks_sidecar(upstream.url, {"keys": [idp_keys.jwk, retired.jwk]}) as (sc, idp):
-        jwks = sc.services.policy.authenticators["idp"].jwks
+        jwks = sc.services.policy.authenticators["idp"].key_set
         before = http.get(sc.url + "/api/x", headers=bearer(mint(retired, sub="retired-1")))
         idp.jwks = idp_keys.jwks()
         jwks._min_interval = 0  # as above: no 10 s wait for the rate limit

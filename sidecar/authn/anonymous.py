@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
-from sidecar.authn.base import Identity, fingerprint
+from sidecar.authn.base import AuthenticatorBase, AuthnContext, Credential, Identity, fingerprint
 from sidecar.config.types import Model, Source
 from sidecar.proxy.request_view import RequestView
 
@@ -14,20 +14,20 @@ class AnonymousConfig(Model):
     subject: str = "anonymous"
 
 
-class AnonymousAuthenticator:
+_NOTHING = Credential("anonymous", "")
+
+
+class AnonymousAuthenticator(AuthenticatorBase):
     __slots__ = ("_identity", "fingerprint", "name")
     sources: tuple[Source, ...] = ()
-    needs_body = False
-    cacheable = False
-    bearer = False
 
-    def __init__(self, name: str, config: AnonymousConfig, services: Any) -> None:
+    def __init__(self, name: str, config: AnonymousConfig, context: AuthnContext) -> None:
         self.name = name
         self.fingerprint = fingerprint(name, config)
-        self._identity = Identity(subject=config.subject, method=name)
+        self._identity = Identity(subject=config.subject, authenticator=name)
 
-    def credential(self, request: RequestView) -> str | None:
-        return ""
+    def credential(self, request: RequestView) -> Credential | None:
+        return _NOTHING
 
-    async def verify(self, credential: str, request: RequestView) -> Identity:
+    async def verify(self, credential: Credential, request: RequestView) -> Identity:
         return self._identity

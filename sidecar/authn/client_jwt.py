@@ -16,18 +16,24 @@ from typing import Any, Literal
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from pydantic import Field, field_validator
 
-from sidecar.authn.base import Identity, fingerprint, read_first
-from sidecar.authn.jws import Lifetime, Token, check_claims
+from sidecar.authn.base import (
+    AuthenticatorBase,
+    AuthnContext,
+    Credential,
+    Identity,
+    fingerprint,
+    read_first,
+    read_value,
+)
+from sidecar.authn.jws import Token, check_claims, fresh_until
 from sidecar.config.types import CredentialSource, Duration, Model, Source, parse_source
 from sidecar.errors import Unauthenticated
 from sidecar.proxy.request_view import RequestView
 from sidecar.state.store import PREFIX
 
-ALGORITHMS = ("RS256", "PS256", "ES256")
+Algorithm = Literal["RS256", "PS256", "ES256"]
+ALGORITHMS: tuple[Algorithm, ...] = ("RS256", "PS256", "ES256")
 _KEY_TYPE = {"RS256": rsa.RSAPublicKey, "PS256": rsa.RSAPublicKey, "ES256": ec.EllipticCurvePublicKey}
-# The client id and the token travel together as one credential, so a verdict is cached for the pair: the
-# same token presented under another client id is verified afresh. NUL cannot appear in a JWT.
-_JOIN = "\x00"
 
 
 def parse_id_source(value: Any) -> Source:
@@ -43,8 +49,7 @@ class ClientJwtConfig(Model):
     type: Literal["client_jwt"]
     id_from: Source = Field(default_factory=lambda: parse_source("body.id"))
     token_from: CredentialSource = Field(default_factory=lambda: parse_source("body.token"))
-    algorithms: list[Literal["RS256", "PS256", "ES256"]] = Field(default_factory=lambda: list(ALGORITHMS),
-                                                                   min_length=1)
+    algorithms: list[Algorithm] = Field(default_factory=lambda: list(ALGORITHMS), min_length=1)
     max_age: Duration = 300.0
     leeway: Duration = 30.0
     replay: Literal["allow", "deny"] = "allow"
@@ -59,11 +64,10 @@ class ClientJwtConfig(Model):
         return parse_id_source(value)
 
 
-class ClientJwtAuthenticator:
-    bearer = False
+class ClientJwtAuthenticator(AuthenticatorBase):
     client_bound = True  # its identities are configured clients (proxy/route_plans.py, proxy/authorization.py)
 
-    def __init__(self, name: str, config: ClientJwtConfig, services: Any) -> None:
+    def __init__(self, name: str, config: ClientJwtConfig, context: AuthnContext) -> None:
         self.name = name
         self.config = config
         self.fingerprint = fingerprint(name, config)
@@ -76,24 +80,19 @@ class ClientJwtAuthenticator:
         self.cache_ttl = config.cache_ttl
         self.bearer = config.token_from == parse_source("header:Authorization")
         self._algorithms = frozenset(config.algorithms)
-        self._services = services
+        self._context = context
 
-    def credential(self, request: RequestView) -> str | None:
-        token = read_first(request, self.sources)
-        if token is None:
-            return None
-        if self._id_claim is not None:
+    def credential(self, request: RequestView) -> Credential | None:
+        token = read_first(request, self.sources, "token", max_length=self.config.max_token_size)
+        if token is None or self._id_claim is not None:
             return token
-        client_id = read_first(request, (self.config.id_from,), bearer_authorization=False)
-        return (client_id or "") + _JOIN + token
+        # The client id and the token travel together, so a verdict is cached for the pair (Credential.client_id).
+        client_id = read_value(request, self.config.id_from) or ""
+        return Credential(token.kind, token.value, token.source, client_id)
 
-    async def verify(self, credential: str, request: RequestView) -> Identity:
-        client_id, _, token = credential.rpartition(_JOIN)
-        if not token:
-            raise Unauthenticated("the token is empty", detail="empty")
-        if len(token) > self.config.max_token_size:
-            raise Unauthenticated("the token is too large", detail="oversized")
-        parsed = Token(token)
+    async def verify(self, credential: Credential, request: RequestView) -> Identity:
+        client_id = credential.client_id or ""
+        parsed = Token(credential.value)
         alg = parsed.header.get("alg")
         if not isinstance(alg, str) or alg not in self._algorithms:
             raise Unauthenticated("the token's signing algorithm is not accepted", detail=f"alg {str(alg)[:16]!r}")
@@ -103,8 +102,8 @@ class ClientJwtAuthenticator:
             client_id = value if isinstance(value, str) else ""
         if not client_id:
             raise Unauthenticated("the client id is missing", detail="missing id")
-        client = self._services.policy.clients.get(client_id)
-        key = await self._services.client_keys.key_for(client) if client is not None else None
+        client = self._context.policy.clients.get(client_id)
+        key = await self._context.client_keys.key_for(client) if client is not None else None
         if client is None or key is None:
             detail = "unknown client" if client is None else "client has no public key"
             raise Unauthenticated("unknown client, or no public key is registered for it", detail=detail)
@@ -114,24 +113,14 @@ class ClientJwtAuthenticator:
         if self._id_claim is not None and str(claims.get(self._id_claim)) != client_id:
             raise Unauthenticated("the token's client claim changed", detail="claim mismatch")
         lifetime = check_claims(claims, leeway=self.config.leeway, audience=self.config.audience, require_exp=False)
-        expires_at = self._fresh_until(lifetime)
+        expires_at = fresh_until(lifetime, max_age=self.config.max_age, leeway=self.config.leeway)
         if self.config.replay == "deny":
             await self._first_use(client_id, claims, expires_at)
         subject = claims.get(self.config.subject_claim) or claims.get("sub") or client_id
         return Identity(
-            subject=str(subject), method=self.name, client=client_id, scopes=frozenset(client.scopes), claims=claims,
-            expires_at=expires_at,
+            subject=str(subject), authenticator=self.name, client=client_id, scopes=frozenset(client.scopes),
+            claims=claims, expires_at=expires_at,
         )
-
-    def _fresh_until(self, lifetime: Lifetime) -> float:
-        """Until when the token may be used: its `exp`, else `iat` + `max_age` (both with `leeway`)."""
-        if lifetime.exp is not None:
-            return lifetime.exp + self.config.leeway
-        if lifetime.iat is None:
-            raise Unauthenticated("the token has neither exp nor iat; sign it with iat", detail="no iat")
-        if lifetime.iat < time.time() - self.config.max_age - self.config.leeway:
-            raise Unauthenticated("the token is too old; sign a new one for each request", detail="max_age")
-        return lifetime.iat + self.config.max_age + self.config.leeway
 
     async def _first_use(self, client_id: str, claims: dict[str, Any], fresh_until: float) -> None:
         jti = claims.get("jti")
@@ -139,6 +128,6 @@ class ClientJwtAuthenticator:
             raise Unauthenticated("this route refuses replays: the token needs a jti claim", detail="no jti")
         mark = hashlib.sha256(f"{client_id}\x00{jti}".encode()).hexdigest()
         ttl = max(1.0, fresh_until - time.time())
-        if not await self._services.store.set(f"{PREFIX}jti:{mark}", "1", ttl, only_new=True):
+        if not await self._context.store.set(f"{PREFIX}jti:{mark}", "1", ttl, only_new=True):
             raise Unauthenticated("the token was already used", detail="replayed jti")
 

@@ -4,17 +4,15 @@ cached in-process only (the lookup itself is the shared state) and evicted every
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import Field
 
-from sidecar.authn.base import Identity, fingerprint, read_first
+from sidecar.authn.base import AuthenticatorBase, AuthnContext, Credential, Identity, fingerprint, read_first
 from sidecar.config.types import CredentialSource, Duration, Model, Source, parse_source
 from sidecar.errors import Unauthenticated
 from sidecar.proxy.request_view import RequestView
 from sidecar.state.client_token_store import token_hash
-
-MAX_TOKEN_LENGTH = 4096
 
 
 def default_sources() -> list[Source]:
@@ -27,39 +25,34 @@ class ClientTokenConfig(Model):
     cache_ttl: Duration | None = None
 
 
-class ClientTokenAuthenticator:
-    needs_body = False
+class ClientTokenAuthenticator(AuthenticatorBase):
     cacheable = True
     revocable = True  # its cached verdicts are dropped when revocations cannot be heard
     client_bound = True  # its identities are configured clients (proxy/route_plans.py, proxy/authorization.py)
     bearer = True
 
-    def __init__(self, name: str, config: ClientTokenConfig, services: Any) -> None:
+    def __init__(self, name: str, config: ClientTokenConfig, context: AuthnContext) -> None:
         self.name = name
         self.fingerprint = fingerprint(name, config)
         self.sources: tuple[Source, ...] = tuple(config.from_)
         self.needs_body = any(s.kind in ("form", "body") for s in self.sources)
         self.cache_ttl = config.cache_ttl
-        self._services = services
+        self._context = context
 
-    def credential(self, request: RequestView) -> str | None:
-        return read_first(request, self.sources)
+    def credential(self, request: RequestView) -> Credential | None:
+        return read_first(request, self.sources, "client token")
 
-    async def verify(self, credential: str, request: RequestView) -> Identity:
-        if not credential:
-            raise Unauthenticated("the client token is empty", detail="empty")
-        if len(credential) > MAX_TOKEN_LENGTH:
-            raise Unauthenticated("the client token is too large", detail="oversized")
-        hex_hash = token_hash(credential)
-        found = await self._services.client_tokens.lookup(hex_hash)
+    async def verify(self, credential: Credential, request: RequestView) -> Identity:
+        hex_hash = token_hash(credential.value)
+        found = await self._context.client_tokens.lookup(hex_hash)
         if found is None:
             raise Unauthenticated("unknown or revoked client token", detail="unknown token")
         client_id, token_id = found
-        client = self._services.policy.clients.get(client_id)
+        client = self._context.policy.clients.get(client_id)
         if client is None:
             raise Unauthenticated("the token's client is no longer configured", detail="client removed")
-        self._services.client_tokens.touch(token_id)
+        self._context.client_tokens.touch(token_id)
         return Identity(
-            subject=client_id, method=self.name, client=client_id, scopes=frozenset(client.scopes),
+            subject=client_id, authenticator=self.name, client=client_id, scopes=frozenset(client.scopes),
             claims={"token_hash": hex_hash, "token_id": token_id},
         )

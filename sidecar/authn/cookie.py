@@ -12,19 +12,18 @@ Only the named cookie is removed before forwarding; the request's other cookies 
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import model_validator
 
-from sidecar.authn.base import Identity, fingerprint, read_first
+from sidecar.authn.base import AuthenticatorBase, AuthnContext, Credential, Identity, fingerprint, read_first
 from sidecar.authn.hmac_values import InvalidValue, verify
 from sidecar.authn.remote import identity_from, pseudonymous_subject
 from sidecar.authn.remote_check import RemoteCheck, check
 from sidecar.config.types import Duration, Model, Source, parse_source
 from sidecar.errors import Unauthenticated
 from sidecar.proxy.request_view import RequestView
-
-MAX_COOKIE_LENGTH = 4096
+from sidecar.timestamps import timestamp
 
 
 class SignedCookie(Model):
@@ -61,11 +60,8 @@ class CookieConfig(Model):
         return self.revalidate.warnings() if self.revalidate is not None else []
 
 
-class CookieAuthenticator:
-    bearer = False
-    needs_body = False
-
-    def __init__(self, name: str, config: CookieConfig, services: Any) -> None:
+class CookieAuthenticator(AuthenticatorBase):
+    def __init__(self, name: str, config: CookieConfig, context: AuthnContext) -> None:
         self.name = name
         self.config = config
         self.fingerprint = fingerprint(name, config)
@@ -77,24 +73,21 @@ class CookieAuthenticator:
             self.cache_ttl = config.revalidate.cache_ttl
             self.negative_ttl = config.revalidate.negative_ttl
         self._keys = config.signed.secrets() if config.signed is not None else []
-        self._services = services
+        self._context = context
 
-    def credential(self, request: RequestView) -> str | None:
-        return read_first(request, self.sources)
+    def credential(self, request: RequestView) -> Credential | None:
+        return read_first(request, self.sources, "session cookie")
 
-    async def verify(self, credential: str, request: RequestView) -> Identity:
-        if not credential:
-            raise Unauthenticated("the session cookie is empty", detail="empty")
-        if len(credential) > MAX_COOKIE_LENGTH:
-            raise Unauthenticated("the session cookie is too large", detail="oversized")
+    async def verify(self, credential: Credential, request: RequestView) -> Identity:
+        value = credential.value
         if self.config.revalidate is not None:
-            result = await check(self._services.http, self.config.revalidate, credential)
+            result = await check(self._context.http, self.config.revalidate, value)
             if not result.accepted:
                 raise Unauthenticated("the session is no longer valid", detail=result.message)
-            return identity_from(result, self.name, credential)
+            return identity_from(result, self.name, value)
         if self.config.signed is not None:
-            return self._signed(credential)
-        return Identity(subject=pseudonymous_subject(credential), method=self.name)
+            return self._signed(value)
+        return Identity(subject=pseudonymous_subject(value), authenticator=self.name)
 
     def _signed(self, credential: str) -> Identity:
         signed = self.config.signed
@@ -107,4 +100,5 @@ class CookieAuthenticator:
         subject = claims.get(signed.subject_claim)
         if not isinstance(subject, str | int) or isinstance(subject, bool) or not str(subject):
             raise Unauthenticated("the session cookie names no user", detail=f"no {signed.subject_claim}")
-        return Identity(subject=str(subject), method=self.name, claims=claims, expires_at=float(claims["exp"]))
+        return Identity(subject=str(subject), authenticator=self.name, claims=claims,
+                        expires_at=timestamp(claims["exp"]))

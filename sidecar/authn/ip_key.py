@@ -15,12 +15,13 @@ must run on every request."""
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any, ClassVar, Literal
 from urllib.parse import quote
 
 from pydantic import field_validator, model_validator
 
-from sidecar.authn.base import Identity, fingerprint, read_first
+from sidecar.authn.base import AuthenticatorBase, AuthnContext, Credential, Identity, fingerprint, read_first
 from sidecar.authn.hmac_values import InvalidValue, sign, verify
 from sidecar.authn.ip_key_sealing import InvalidKey, canonical_ip, keyring_for, used_mark
 from sidecar.config.types import Duration, Model, Source, parse_source
@@ -80,11 +81,8 @@ class LoggedOut(Refusal):
                 (b"cache-control", b"no-store"), (b"content-length", b"0")]
 
 
-class IpKeyAuthenticator:
-    cacheable = False
-    bearer = False
-
-    def __init__(self, name: str, config: IpKeyConfig, services: Any) -> None:
+class IpKeyAuthenticator(AuthenticatorBase):
+    def __init__(self, name: str, config: IpKeyConfig, context: AuthnContext) -> None:
         self.name = name
         self.config = config
         self.fingerprint = fingerprint(name, config)
@@ -94,37 +92,33 @@ class IpKeyAuthenticator:
         self._cookie_sources = [parse_source(f"cookie:{config.session_cookie}")] if config.session_cookie else []
         self.sources: tuple[Source, ...] = (*self._key_sources, *self._cookie_sources)
         self.needs_body = config.read_form
-        self._services = services
+        self._context = context
 
-    def credential(self, request: RequestView) -> str | None:
+    def credential(self, request: RequestView) -> Credential | None:
+        # No length bound here (max_length=None): keys and sessions are opened by HMAC before anything else.
         if self.config.logout_path is not None and request.path == self.config.logout_path:
-            return "logout:" + (read_first(request, self._cookie_sources) or "")
-        key = read_first(request, self._key_sources)
+            session = read_first(request, self._cookie_sources, "session cookie", max_length=None)
+            return Credential("logout", "") if session is None else Credential("logout", session.value, session.source)
+        key = read_first(request, self._key_sources, "key", max_length=None)
         if key is not None:
-            return "key:" + key
-        session = read_first(request, self._cookie_sources)
-        return None if session is None else "session:" + session
+            return key
+        return read_first(request, self._cookie_sources, "session cookie", max_length=None)
 
-    async def verify(self, credential: str, request: RequestView) -> Identity:
-        kind, _, value = credential.partition(":")
-        if kind == "logout":
-            raise self._logout(value)
-        if not value:
-            raise Unauthenticated("the key is empty" if kind == "key" else "the session cookie is empty",
-                                  detail="empty")
-        if kind == "key":
-            return await self._key(value, request)
-        return self._session(value, request)
+    async def verify(self, credential: Credential, request: RequestView) -> Identity:
+        if credential.kind == "logout":
+            raise self._logout(credential.value)
+        if credential.kind == "key":
+            return await self._key(credential.value, request)
+        return self._session(credential.value, request)
 
     async def _key(self, key: str, request: RequestView) -> Identity:
         try:
-            claims = keyring_for(self._services.config).open(key)
+            claims = keyring_for(self._context.config).open(key)
         except InvalidKey as exc:
             raise Unauthenticated("the key is not valid", detail=str(exc)) from None
         now = time.time()
-        expires_at = claims.expires_at
-        if expires_at is None:
-            expires_at = claims.issued_at + self.config.ip_only_max_age
+        expires_at: float = (claims.issued_at + self.config.ip_only_max_age if claims.expires_at is None
+                             else claims.expires_at)
         if expires_at <= now:
             raise Unauthenticated("the key has expired", detail="expired")
         if claims.issued_at > now + CLOCK_SKEW:
@@ -134,11 +128,11 @@ class IpKeyAuthenticator:
         if claims.single_use or self.config.single_use:
             # Last, so that a key refused for another reason is not spent. SET NX is atomic: of many concurrent
             # uses, exactly one wins, on every replica sharing the store.
-            first = await self._services.store.set(used_mark(key), "1", ttl=expires_at - now + CLOCK_SKEW,
+            first = await self._context.store.set(used_mark(key), "1", ttl=expires_at - now + CLOCK_SKEW,
                                                    only_new=True)
             if not first:
                 raise Unauthenticated("the key has already been used", detail="reused")
-        return Identity(subject=claims.user, method=self.name, client=claims.client,
+        return Identity(subject=claims.user, authenticator=self.name, client=claims.client,
                         claims={"via": "key", "ip": claims.ip, "url_logout": claims.url_logout})
 
     def _session(self, value: str, request: RequestView) -> Identity:
@@ -146,10 +140,11 @@ class IpKeyAuthenticator:
         self._check_address(claims.get("i"), request, "the session belongs to another address")
         client = str(claims.get("c", ""))
         self._check_client(client)
-        return Identity(subject=str(claims["sub"]), method=self.name, client=client, claims={"via": "session"})
+        return Identity(subject=str(claims["sub"]), authenticator=self.name, client=client,
+                        claims={"via": "session"})
 
     def _session_claims(self, value: str, fresh: bool) -> dict[str, Any]:
-        keys = keyring_for(self._services.config).session_keys
+        keys = keyring_for(self._context.config).session_keys
         try:
             claims = verify(keys, value, fresh=fresh)
         except InvalidValue as exc:
@@ -173,17 +168,17 @@ class IpKeyAuthenticator:
 
     def _check_client(self, client: str) -> None:
         # The seed's "module disabled for the client": a client removed from the configuration takes its keys along.
-        if client not in self._services.policy.clients:
+        if client not in self._context.policy.clients:
             raise Unauthenticated("the key's client is no longer allowed", detail="client removed")
 
-    def response_headers(self, identity: Identity, request: RequestView) -> list[tuple[bytes, bytes]]:
+    def response_headers(self, identity: Identity, request: RequestView) -> Sequence[tuple[bytes, bytes]]:
         """After a good key: the session cookie, so the user's next requests need no key."""
         if not self.config.session_cookie or identity.claims.get("via") != "key":
             return []
         claims = {"a": self.name, "sub": identity.subject, "c": identity.client,
                   "exp": int(time.time() + self.config.session_ttl), "i": identity.claims.get("ip"),
                   "l": identity.claims.get("url_logout")}
-        value = sign(keyring_for(self._services.config).session_keys[0], {k: v for k, v in claims.items() if v})
+        value = sign(keyring_for(self._context.config).session_keys[0], {k: v for k, v in claims.items() if v})
         return [(b"set-cookie", self._cookie(value).encode("ascii"))]
 
     def _cookie(self, value: str, clear: bool = False) -> str:

@@ -9,8 +9,7 @@ from typing import Any, Literal
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from pydantic import Field, field_validator, model_validator
 
-from sidecar.authn.base import Identity, fingerprint, read_first
-from sidecar.authn.jwks import JwksKeys
+from sidecar.authn.base import AuthenticatorBase, AuthnContext, Credential, Identity, fingerprint, read_first
 from sidecar.authn.jws import Token, check_claims
 from sidecar.config.types import (
     CredentialSource,
@@ -94,12 +93,11 @@ class JwtConfig(Model):
         return []
 
 
-class JwtAuthenticator:
-    needs_body = False
+class JwtAuthenticator(AuthenticatorBase):
     cacheable = True
     bearer = True
 
-    def __init__(self, name: str, config: JwtConfig, services: Any) -> None:
+    def __init__(self, name: str, config: JwtConfig, context: AuthnContext) -> None:
         self.name = name
         self.config = config
         self.fingerprint = fingerprint(name, config)
@@ -109,24 +107,18 @@ class JwtAuthenticator:
         self._algorithms = frozenset(config.allowed_algorithms())
         self._static_keys = [load_public_key(pem) for pem in config.keys or []]
         self._secret = config.secret.encode() if config.secret else None
-        self._jwks = _jwks_keys(config.jwks_url, services) if config.jwks_url else None
-        self._services = services
+        # One key cache per JWKS URL, kept by the context across reloads (a reload while the IdP is down keeps the
+        # keys it had).
+        self.key_set = context.jwks_for(config.jwks_url) if config.jwks_url else None
+        self._context = context
         self._issuer = config.issuer
         self._audience = config.audience
 
-    @property
-    def jwks(self) -> JwksKeys | None:
-        return self._jwks
+    def credential(self, request: RequestView) -> Credential | None:
+        return read_first(request, self.sources, "token", max_length=self.config.max_token_size)
 
-    def credential(self, request: RequestView) -> str | None:
-        return read_first(request, self.sources)
-
-    async def verify(self, credential: str, request: RequestView) -> Identity:
-        if not credential:
-            raise Unauthenticated("the bearer token is empty")
-        if len(credential) > self.config.max_token_size:
-            raise Unauthenticated("the token is too large", detail="oversized")
-        token = Token(credential)
+    async def verify(self, credential: Credential, request: RequestView) -> Identity:
+        token = Token(credential.value)
         header = token.header
         if header.get("typ") == IDENTITY_TOKEN_TYPE:
             raise Unauthenticated("an identity token is not a credential", detail="identity token presented")
@@ -149,10 +141,10 @@ class JwtAuthenticator:
         wanted = _KEY_TYPES[alg[:2]]
         keys: list[Any] = [k for k in self._static_keys if isinstance(k, wanted)]
         if self.config.self_issued:
-            own = self._services.issuer_public_keys()
+            own = self._context.issuer_public_keys()
             keys += [k for k_kid, k in own if kid in (None, k_kid) and isinstance(k, wanted)]
-        if self._jwks is not None:
-            keys += [k.key for k in await self._jwks.keys_for(kid) if isinstance(k.key, wanted)]
+        if self.key_set is not None:
+            keys += [k.key for k in await self.key_set.keys_for(kid) if isinstance(k.key, wanted)]
         return keys
 
     def _identity(self, claims: dict[str, Any], exp: float) -> Identity:
@@ -168,13 +160,7 @@ class JwtAuthenticator:
         if not isinstance(subject, str | int) or not isinstance(client, str | int | None):
             raise Unauthenticated("the token's sub or client_id claim is malformed", detail="sub")
         return Identity(
-            subject=str(subject), method=self.name, client=str(client) if client else None,
+            subject=str(subject), authenticator=self.name, client=str(client) if client else None,
             scopes=scope_set, claims=claims, expires_at=exp,
         )
 
-
-def _jwks_keys(url: str, services: Any) -> JwksKeys:
-    """One key cache per JWKS URL, kept by the services across reloads (a reload while the IdP is down keeps the
-    keys it had); a bare `JwksKeys` where there are no such services (`sidecar explain`)."""
-    shared = getattr(services, "jwks_for", None)
-    return shared(url) if shared is not None else JwksKeys(url, services.http)

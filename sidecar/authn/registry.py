@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sidecar.authn.anonymous import AnonymousAuthenticator, AnonymousConfig
-from sidecar.authn.base import Authenticator, Identity
+from sidecar.authn.base import Authenticator, AuthnContext, Identity
 from sidecar.authn.client_jwt import ClientJwtAuthenticator, ClientJwtConfig
 from sidecar.authn.client_token import ClientTokenAuthenticator, ClientTokenConfig
 from sidecar.authn.cookie import CookieAuthenticator, CookieConfig
@@ -19,7 +19,7 @@ from sidecar.authn.remote import RemoteAuthenticator, RemoteConfig
 @dataclass(frozen=True)
 class AuthenticatorType:
     config_model: type[Any]
-    build: Callable[[str, Any, Any], Authenticator]
+    build: Callable[[str, Any, AuthnContext], Authenticator]  # (name, its config_model instance, context)
 
 
 REGISTRY: dict[str, AuthenticatorType] = {

@@ -9,17 +9,15 @@ is neither a clear yes nor a clear no is a 503, never an accept."""
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import Field
 
-from sidecar.authn.base import Identity, fingerprint, read_first
+from sidecar.authn.base import AuthenticatorBase, AuthnContext, Credential, Identity, fingerprint, read_first
 from sidecar.authn.remote_check import CheckResult, RemoteCheck, check
 from sidecar.config.types import CredentialSource, Source
 from sidecar.errors import Unauthenticated
 from sidecar.proxy.request_view import RequestView
-
-MAX_CREDENTIAL_LENGTH = 4096
 
 
 class RemoteConfig(RemoteCheck):
@@ -33,18 +31,18 @@ def pseudonymous_subject(credential: str) -> str:
     return "token:" + hashlib.sha256(credential.encode("utf-8", "surrogateescape")).hexdigest()[:8]
 
 
-def identity_from(result: CheckResult, method: str, credential: str) -> Identity:
+def identity_from(result: CheckResult, authenticator: str, credential: str) -> Identity:
     return Identity(
-        subject=result.subject or result.client or pseudonymous_subject(credential), method=method,
+        subject=result.subject or result.client or pseudonymous_subject(credential), authenticator=authenticator,
         client=result.client, scopes=result.scopes, claims=dict(result.claims), expires_at=result.expires_at,
     )
 
 
-class RemoteAuthenticator:
+class RemoteAuthenticator(AuthenticatorBase):
     cacheable = True
     shared_cache = True  # one outside call per credential for every replica (sidecar.proxy.verdict_cache.StoreVerdicts)
 
-    def __init__(self, name: str, config: RemoteConfig, services: Any) -> None:
+    def __init__(self, name: str, config: RemoteConfig, context: AuthnContext) -> None:
         self.name = name
         self.config = config
         self.fingerprint = fingerprint(name, config)
@@ -53,17 +51,13 @@ class RemoteAuthenticator:
         self.bearer = any(s.kind == "header" and s.name == "authorization" for s in self.sources)
         self.cache_ttl = config.cache_ttl
         self.negative_ttl = config.negative_ttl
-        self._services = services
+        self._context = context
 
-    def credential(self, request: RequestView) -> str | None:
-        return read_first(request, self.sources)
+    def credential(self, request: RequestView) -> Credential | None:
+        return read_first(request, self.sources, "credential")
 
-    async def verify(self, credential: str, request: RequestView) -> Identity:
-        if not credential:
-            raise Unauthenticated("the credential is empty", detail="empty")
-        if len(credential) > MAX_CREDENTIAL_LENGTH:
-            raise Unauthenticated("the credential is too large", detail="oversized")
-        result = await check(self._services.http, self.config, credential)
+    async def verify(self, credential: Credential, request: RequestView) -> Identity:
+        result = await check(self._context.http, self.config, credential.value)
         if not result.accepted:
             raise Unauthenticated("the credential was refused by the validation service", detail=result.message)
-        return identity_from(result, self.name, credential)
+        return identity_from(result, self.name, credential.value)

@@ -169,7 +169,7 @@ async def readiness_problems(services: Services) -> list[str]:
     if not services.ready:
         problems.append("configuration not loaded")
     for name, auth in services.policy.authenticators.items():
-        jwks = getattr(auth, "jwks", None)
+        jwks = auth.key_set
         if jwks is not None and not jwks.loaded:
             problems.append(f"authenticator {name}: JWKS not fetched yet")
     return problems

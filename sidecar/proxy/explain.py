@@ -8,6 +8,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from sidecar.authn.base import Identity
+from sidecar.authn.jwks import JwksKeys
 from sidecar.config.model import LoadedConfig
 from sidecar.errors import Refusal
 from sidecar.proxy.request_view import RequestView, client_address, is_trusted_peer
@@ -27,6 +28,9 @@ class _Offline:
 
     def issuer_public_keys(self) -> list[Any]:
         return []
+
+    def jwks_for(self, url: str) -> JwksKeys:
+        return JwksKeys(url, self.http)  # type: ignore[arg-type]  # never fetched: explain verifies nothing
 
 
 def explain(loaded: LoadedConfig, method: str, url: str, header_lines: list[str], peer: str = "127.0.0.1") -> str:
@@ -76,7 +80,8 @@ def explain(loaded: LoadedConfig, method: str, url: str, header_lines: list[str]
     require = plan.config.require
     if require.scopes or require.clients or require.ips:
         out.append(f"then require: {require.model_dump(mode='json', exclude_defaults=True)}")
-    identity = Identity(subject="<subject>", method=chosen.name, client="<client>", scopes=frozenset({"<scopes>"}))
+    identity = Identity(subject="<subject>", authenticator=chosen.name, client="<client>",
+                        scopes=frozenset({"<scopes>"}))
     forwarded = build_headers(request, identity, plan.strip, policy.identity_headers,
                               trusted_peer=is_trusted_peer(peer, policy.trusted_proxies))
     upstream = plan.transport.url  # type: ignore[attr-defined]

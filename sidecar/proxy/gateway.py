@@ -87,7 +87,7 @@ class Gateway:
             log["authenticator"] = auth.name
             log["subject"] = identity.subject
             log["client"] = identity.client
-            authorize(plan.config, identity, client_ip, policy.clients, getattr(auth, "client_bound", False))
+            authorize(plan.config, identity, client_ip, policy.clients, auth.client_bound)
             status, upstream_seconds = await self.forward(
                 policy, plan, request, auth, identity, receive, send, responded, seen.has_body)
             log["decision"] = "allow"
@@ -124,10 +124,10 @@ class Gateway:
 
     async def authenticate(self, plan: RoutePlan, request: RequestView) -> tuple[Authenticator, Identity]:
         for auth in plan.authenticators:
-            credential = auth.credential(request)
-            if credential is None:
-                continue  # not its kind of credential: the next authenticator is tried
-            try:
+            try:  # an oversized credential is refused by credential() itself: with this authenticator's challenge
+                credential = auth.credential(request)
+                if credential is None:
+                    continue  # not its kind of credential: the next authenticator is tried
                 return auth, await self.services.cache.resolve(auth, credential, request)
             except Unauthenticated as refusal:
                 refusal.bearer_challenge = auth.bearer
@@ -164,9 +164,7 @@ class Gateway:
         try:
             response_headers = response.headers
             response_headers.append((b"x-request-id", request.request_id.encode()))
-            extra = getattr(auth, "response_headers", None)
-            if extra is not None:
-                response_headers.extend(extra(identity, request))
+            response_headers.extend(auth.response_headers(identity, request))
             await send({"type": "http.response.start", "status": response.status, "headers": response_headers})
             responded[0] = True
             async for chunk in response.body():

@@ -45,7 +45,7 @@ class Policy:
         # changes a client or token, no verdict made under the old section is served (local or shared layer).
         clients_digest = _clients_digest(config.clients)
         for auth in self.authenticators.values():
-            if getattr(auth, "client_bound", False):
+            if auth.client_bound:
                 auth.fingerprint = hashlib.sha256(auth.fingerprint + clients_digest).digest()
         self.table = RouteTable(config.routes)
         self.identity_headers = IdentityHeaders(config.identity.header_prefix)

@@ -109,7 +109,7 @@ class IdentityHeaders:
         out: Headers = [(self.subject, _header_value(identity.subject))]
         if identity.client:
             out.append((self.client, _header_value(identity.client)))
-        out.append((self.method, _header_value(identity.method)))
+        out.append((self.method, _header_value(identity.authenticator)))
         out.append((self.scopes, _header_value(" ".join(sorted(identity.scopes)))))
         if len(self._encoded) > 10_000:
             self._encoded.clear()

@@ -29,15 +29,18 @@ from sidecar.state.store import PREFIX
 from sidecar.timestamps import timestamp
 
 if TYPE_CHECKING:
-    from sidecar.authn.base import Authenticator
+    from sidecar.authn.base import Authenticator, Credential
     from sidecar.proxy.request_view import RequestView
 
 
 _REFUSALS = {name: cls for name, cls in vars(errors).items() if isinstance(cls, type) and issubclass(cls, Refusal)}
 
 
-def cache_key(fingerprint: bytes, credential: str) -> bytes:
-    return hashlib.sha256(fingerprint + b"\x00" + credential.encode("utf-8", "surrogateescape")).digest()
+def cache_key(fingerprint: bytes, credential: Credential) -> bytes:
+    """sha256(fingerprint, NUL, [client id, NUL,] value): the client id sent beside a token (client_jwt) is part of
+    the key, so the same token under another client id is verified afresh."""
+    text = credential.value if credential.client_id is None else f"{credential.client_id}\x00{credential.value}"
+    return hashlib.sha256(fingerprint + b"\x00" + text.encode("utf-8", "surrogateescape")).digest()
 
 
 class Refused:
@@ -101,15 +104,16 @@ class StoreVerdicts:
         expires_at = timestamp(i["expires_at"])
         if expires_at is None and i["expires_at"] is not None:
             return None
-        return Identity(subject=i["subject"], method=i["method"], client=i["client"], scopes=frozenset(i["scopes"]),
-                        claims=i["claims"], expires_at=expires_at), left, age
+        # The stored field keeps its first name, "method", so that replicas of older versions read it alike.
+        return Identity(subject=i["subject"], authenticator=i["method"], client=i["client"],
+                        scopes=frozenset(i["scopes"]), claims=i["claims"], expires_at=expires_at), left, age
 
     async def put(self, key: bytes, verdict: Verdict, ttl: float) -> None:
         if isinstance(verdict, Refused):
             data: dict[str, Any] = {"refused": {"kind": verdict.kind.__name__, "reason": verdict.reason,
                                                 "description": verdict.description, "detail": verdict.detail}}
         else:
-            data = {"identity": {"subject": verdict.subject, "method": verdict.method, "client": verdict.client,
+            data = {"identity": {"subject": verdict.subject, "method": verdict.authenticator, "client": verdict.client,
                                  "scopes": sorted(verdict.scopes), "claims": dict(verdict.claims),
                                  "expires_at": verdict.expires_at}}
         data["at"] = time.time()
@@ -186,7 +190,7 @@ class VerdictCache:
         self.ttl, self.negative_ttl = ttl, negative_ttl
         self.local.resize(max_entries)
 
-    async def resolve(self, auth: Authenticator, credential: str, request: RequestView) -> Identity:
+    async def resolve(self, auth: Authenticator, credential: Credential, request: RequestView) -> Identity:
         if not auth.cacheable:
             return await auth.verify(credential, request)
         key = cache_key(auth.fingerprint, credential)
@@ -212,9 +216,9 @@ class VerdictCache:
         return _unwrap(verdict, cached=not fresh)
 
     async def _lookup_or_verify(
-        self, auth: Authenticator, key: bytes, credential: str, request: RequestView,
+        self, auth: Authenticator, key: bytes, credential: Credential, request: RequestView,
     ) -> tuple[Verdict, bool]:
-        shared = self.shared if getattr(auth, "shared_cache", False) else None
+        shared = self.shared if auth.shared_cache else None
         if shared is not None:
             found = await shared.get(key)
             if found is not None:
@@ -226,7 +230,7 @@ class VerdictCache:
                     return verdict, False
         self._on_result("miss")
         try:
-            verdict: Verdict = await auth.verify(credential, request)
+            verdict = await auth.verify(credential, request)
         except Unauthenticated as refusal:
             verdict = Refused(refusal)
         ttl = self._ttl_for(auth, verdict)
@@ -238,9 +242,9 @@ class VerdictCache:
     def _ttl_for(self, auth: Authenticator, verdict: Verdict, age: float = 0.0) -> float:
         """How much longer this verdict may be served, `age` seconds after it was decided."""
         if isinstance(verdict, Refused):
-            negative = getattr(auth, "negative_ttl", None)
+            negative = auth.negative_ttl
             return (self.negative_ttl if negative is None else negative) - age
-        ttl = getattr(auth, "cache_ttl", None)
+        ttl = auth.cache_ttl
         ttl = (self.ttl if ttl is None else ttl) - age
         if verdict.expires_at is not None:
             expires_at = timestamp(verdict.expires_at)

@@ -365,6 +365,24 @@ def test_reload_applies_new_upstream_timeouts():
             assert httpx.get(sc.url + "/slow", timeout=10).status_code == 200
 
 
+def test_upstream_failures_are_audited_as_error(capsys: pytest.CaptureFixture[str]):
+    """An upstream that is down (502) or too slow (504) is audited `decision: error`, not `deny`; a 404 is a deny."""
+    with serve_in_thread(slow_upstream(1.0)) as slow_url:
+        slow = json.loads(config(slow_url, [route("slow", "/**")]))
+        with running_sidecar(json.dumps({**slow, "timeouts": {"read": "200ms"}})) as sc:
+            timed_out = httpx.get(sc.url + "/slow", headers={"x-request-id": "audit-504"}, timeout=10)
+    with running_sidecar(config(f"http://127.0.0.1:{free_port()}", [route("down", "/api/**")])) as sc:
+        unreachable = httpx.get(sc.url + "/api/x", headers={"x-request-id": "audit-502"})
+        no_route = httpx.get(sc.url + "/elsewhere", headers={"x-request-id": "audit-404"})
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    audited = {x["request_id"]: (x["decision"], x["reason"], x["status"]) for x in lines if "request_id" in x}
+
+    assert [r.status_code for r in (timed_out, unreachable, no_route)] == [504, 502, 404]
+    assert audited["audit-504"] == ("error", "upstream_timeout", 504)
+    assert audited["audit-502"] == ("error", "upstream_unavailable", 502)
+    assert audited["audit-404"] == ("deny", "no_route", 404)
+
+
 def test_reload_applies_new_cache_ttl():
     """A reload that turns the verdict cache off (`cache.ttl: 0s`) means the next request asks the validator
     again: a credential the validator no longer accepts is refused at once."""

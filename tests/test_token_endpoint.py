@@ -294,13 +294,15 @@ def test_password_grant_refused_by_the_credentials_service(sidecar: RunningSidec
     assert body["error_description"] == "the username or password is not accepted"
 
 
-def test_password_grant_with_the_service_down_is_503(shared_upstream: RecordingUpstream,
-                                                      signing_keys: KeyPair) -> None:
-    """The credentials service unreachable: 503 temporarily_unavailable, never a token."""
+def test_password_grant_with_the_service_down_is_503(shared_upstream: RecordingUpstream, signing_keys: KeyPair,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """The credentials service unreachable: 503 temporarily_unavailable, never a token; audited as an error."""
     with running_sidecar(token_config(shared_upstream.url, signing_keys, "http://127.0.0.1:9")) as sc:
         response = password(sc, "maria", "right")
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if '"kind":"token"' in line]
 
     error_body(response, 503, "temporarily_unavailable")
+    assert [(x["decision"], x["reason"], x["status"]) for x in lines] == [("error", "temporarily_unavailable", 503)]
 
 
 def map_identifiers(sc: RunningSidecar, mappings: list[dict[str, str]]) -> httpx.Response:

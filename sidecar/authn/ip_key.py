@@ -25,7 +25,7 @@ from sidecar.authn.base import AuthenticatorBase, AuthnContext, Credential, Iden
 from sidecar.authn.hmac_values import InvalidValue, sign, verify
 from sidecar.authn.ip_key_sealing import InvalidKey, canonical_ip, keyring_for, used_mark
 from sidecar.config.types import Duration, Model, Source, parse_source
-from sidecar.errors import Refusal, Unauthenticated
+from sidecar.errors import LoggedOut, Unauthenticated
 from sidecar.proxy.request_view import RequestView
 
 CLOCK_SKEW = 60.0
@@ -60,25 +60,6 @@ class IpKeyConfig(Model):
         if self.session_ttl <= 0 or self.ip_only_max_age <= 0:
             raise ValueError("session_ttl and ip_only_max_age must be positive durations")
         return self
-
-
-class LoggedOut(Refusal):
-    """Not a refusal, but answered like one: a redirect that clears the session cookie (no upstream call)."""
-
-    status = 303
-    reason = "logged_out"
-
-    def __init__(self, location: str, clear_cookie: str) -> None:
-        super().__init__("logged out")
-        self.location = location
-        self.clear_cookie = clear_cookie
-
-    def body(self) -> bytes:
-        return b""
-
-    def headers(self, body: bytes = b"") -> list[tuple[bytes, bytes]]:
-        return [(b"location", self.location.encode("ascii")), (b"set-cookie", self.clear_cookie.encode("ascii")),
-                (b"cache-control", b"no-store"), (b"content-length", b"0")]
 
 
 class IpKeyAuthenticator(AuthenticatorBase):

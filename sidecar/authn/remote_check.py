@@ -31,6 +31,7 @@ from pydantic import field_validator, model_validator
 from sidecar.config.types import Duration, Model
 from sidecar.errors import DependencyUnavailable
 from sidecar.outbound.guard import forbidden_reason, literal_address, url_refusal
+from sidecar.outbound.httpx_errors import HttpxErrors
 from sidecar.outbound.pinned import PrivateAddress, pinned_target
 from sidecar.timestamps import timestamp
 
@@ -139,6 +140,10 @@ class CheckResult:
     message: str = ""  # why the service said no (its own words, with the value redacted)
 
 
+_CALL_ERRORS = HttpxErrors(DependencyUnavailable, "the validation service is unreachable",
+                           timeout_message="the validation service did not answer in time", detail=True)
+
+
 class _Malformed(Exception):
     pass
 
@@ -153,17 +158,12 @@ async def check(
     """Ask the service about `value` (and `extra_fields`, e.g. username and password for the password grant)."""
     secrets_sent = [v for v in (value, *(extra_fields or {}).values()) if v]
     try:
-        status, body = await _call(http, cfg, value, dict(extra_fields or {}))
+        with _CALL_ERRORS:
+            status, body = await _call(http, cfg, value, dict(extra_fields or {}))
     except _Unsendable:
         return CheckResult(accepted=False, message="the value cannot be sent in a header")
-    except TimeoutError:
-        raise DependencyUnavailable("the validation service did not answer in time", detail="timeout") from None
-    except httpx.TimeoutException:
-        raise DependencyUnavailable("the validation service did not answer in time", detail="timeout") from None
     except PrivateAddress as exc:
         raise DependencyUnavailable("the validation service is unavailable", detail=str(exc)) from None
-    except (httpx.HTTPError, OSError) as exc:
-        raise DependencyUnavailable("the validation service is unreachable", detail=type(exc).__name__) from None
     # A 4xx may still be a clear "no" (a service answering ERROR with 401); a yes only ever comes with a 2xx.
     readable = 200 <= status < 300 or (400 <= status < 500 and status not in (408, 429))
     if not readable:

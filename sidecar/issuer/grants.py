@@ -1,6 +1,6 @@
 """The token endpoint's grants — `client_credentials` (RFC 6749 §4.4, seed 003), `password` (§4.3, checked by
-the issuer's `credentials` webservice, seeds 001/002) and Engage's `custom_sso` (seed 002) — and the errors
-they answer with (RFC 6749 §5.2).
+the issuer's `credentials` webservice, seeds 001/002) and Engage's `custom_sso` (seed 002). They
+refuse with `OAuthError` (sidecar/errors.py, RFC 6749 §5.2).
 
 Every grant authenticates the client first (RFC 6749 §3.2.1: confidential clients authenticate at the token
 endpoint). Client secrets are kept as SHA-256 hashes and compared hash to hash in constant time; an unknown
@@ -11,9 +11,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from starlette.responses import JSONResponse
-
 from sidecar.authn.remote_check import check
+from sidecar.errors import OAuthError
 from sidecar.issuer.client_secret import verify_client_secret
 from sidecar.issuer.identifier_map import Identifiers
 from sidecar.issuer.sso_key import issue_sso_key
@@ -26,30 +25,6 @@ if TYPE_CHECKING:
 Params = dict[str, str]
 Credentials = tuple[str, str] | None
 Grant = Callable[["Services", Params, Credentials], Awaitable[dict[str, Any]]]
-
-
-
-class OAuthError(Exception):
-    """An RFC 6749 §5.2 error reply."""
-
-    def __init__(self, error: str, description: str, status: int = 400, *, challenge: bool = False) -> None:
-        super().__init__(description)
-        self.error = error
-        self.description = description
-        self.status = status
-        self.challenge = challenge
-
-    @classmethod
-    def invalid_client(cls, description: str = "client authentication failed") -> OAuthError:
-        # RFC 6749 §5.2: 401, with a challenge for the scheme the client may use (HTTP Basic, §2.3.1).
-        return cls("invalid_client", description, 401, challenge=True)
-
-    def response(self) -> JSONResponse:
-        headers = {"Cache-Control": "no-store", "Pragma": "no-cache"}
-        if self.challenge:
-            headers["WWW-Authenticate"] = 'Basic realm="sidecar"'
-        return JSONResponse({"error": self.error, "error_description": self.description},
-                            status_code=self.status, headers=headers)
 
 
 def authenticate_client(services: Services, credentials: Credentials) -> ClientConfig:

@@ -21,10 +21,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from sidecar.authn.ip_key_sealing import KeyClaims, canonical_ip, keyring_for
-from sidecar.errors import Refusal
+from sidecar.errors import OAuthError, Refusal
 from sidecar.issuer.client_secret import decode_basic, verify_client_secret
 from sidecar.issuer.soap import (
-    SoapError,
     SoapRequest,
     fault,
     generate_map_token_reply,
@@ -36,7 +35,7 @@ from sidecar.state.client_token_store import token_hash
 if TYPE_CHECKING:
     from sidecar.runtime import Services
 
-__all__ = ["KeyRequestError", "key_claims", "key_routes"]
+__all__ = ["key_claims", "key_routes"]
 
 MAX_BODY = 64 * 1024
 MAX_EXPIRY_MINUTES = 366 * 24 * 60
@@ -44,18 +43,12 @@ FIELDS = ("user", "ip", "expiry_minutes", "simple_date", "url_logout", "single_u
 NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}  # a key is a credential (RFC 6749 §5.1)
 
 
-class KeyRequestError(Exception):
-    def __init__(self, status: int, error: str, description: str) -> None:
-        super().__init__(description)
-        self.status, self.error, self.description = status, error, description
+def _bad(description: str) -> OAuthError:
+    return OAuthError("invalid_request", description)
 
 
-def _bad(description: str) -> KeyRequestError:
-    return KeyRequestError(400, "invalid_request", description)
-
-
-def _unauthorised(description: str) -> KeyRequestError:
-    return KeyRequestError(401, "invalid_client", description)
+def _unauthorised(description: str) -> OAuthError:
+    return OAuthError.invalid_client(description)
 
 
 def key_routes(services: Services) -> list[Route]:
@@ -82,13 +75,8 @@ class KeyEndpoint:
             fields = soap.entries if soap is not None else _fields(content_type, body)
             claims = key_claims(client_id, fields, time.time())
             key = keyring_for(self.services.config).seal(claims)
-        except SoapError as exc:
-            return self._refuse(client_id, _bad(str(exc)), soap_version)
-        except KeyRequestError as exc:
-            return self._refuse(client_id, exc, soap_version)
-        except Refusal as refusal:  # the store is down while looking up a token: fail closed
-            return self._refuse(client_id, KeyRequestError(refusal.status, refusal.reason, refusal.description),
-                                soap_version)
+        except Refusal as refusal:  # the request's own fault, or the store is down while looking up a token
+            return self._refuse(client_id, OAuthError.of(refusal), soap_version)
         expires = datetime.fromtimestamp(claims.expires_at, UTC).isoformat() if claims.expires_at else None
         await self.services.events.emit("key.issued", {"client": client_id, "user": claims.user,
                                                        "single_use": claims.single_use, "expires_at": expires})
@@ -99,16 +87,15 @@ class KeyEndpoint:
             return Response(text, media_type=content_type, headers=NO_STORE)
         return JSONResponse({"key": key}, headers=NO_STORE)
 
-    def _refuse(self, client_id: str | None, exc: KeyRequestError, soap_version: str | None) -> Response:
-        self.services.audit.write(kind="key", client=client_id, decision="deny", reason=exc.error, status=exc.status)
-        headers = dict(NO_STORE)
-        if exc.status == 401:
-            headers["WWW-Authenticate"] = 'Basic realm="sidecar"'
-        if soap_version is not None:
-            text, content_type, status = fault(soap_version, exc.status, exc.description)
-            return Response(text, status_code=status, media_type=content_type, headers=headers)
-        return JSONResponse({"error": exc.error, "error_description": exc.description}, status_code=exc.status,
-                            headers=headers)
+    def _refuse(self, client_id: str | None, error: OAuthError, soap_version: str | None) -> Response:
+        self.services.audit.write(kind="key", client=client_id, decision=error.decision, reason=error.reason,
+                                  status=error.status)
+        if soap_version is None:
+            return error.response()
+        text, content_type, status = fault(soap_version, error.status, error.description)
+        headers = {name.decode(): value.decode() for name, value in error.headers() if name != b"content-length"}
+        headers.pop("content-type")
+        return Response(text, status_code=status, media_type=content_type, headers=headers)
 
     async def _client(self, request: Request) -> str:
         """The authenticated client's id: by its access token, or by HTTP Basic id and secret."""
@@ -169,7 +156,7 @@ def _fields(content_type: str, body: bytes) -> dict[str, Any]:
 
 
 def key_claims(client_id: str, fields: dict[str, Any], now: float) -> KeyClaims:
-    """The claims of the key to issue, from the request's fields; `KeyRequestError` (400) with the fix."""
+    """The claims of the key to issue, from the request's fields; `OAuthError` (400) with the fix."""
     unknown = sorted(set(fields) - set(FIELDS))
     if unknown:
         raise _bad(f"unknown field(s) {', '.join(unknown)}; use {', '.join(FIELDS)}")

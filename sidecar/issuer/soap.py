@@ -16,6 +16,8 @@ from typing import Any
 from xml.parsers import expat
 from xml.sax.saxutils import escape, quoteattr
 
+from sidecar.errors import SoapError
+
 __all__ = ["SoapError", "SoapRequest", "fault", "generate_map_token_reply", "parse_generate_map_token",
            "soap_version_of"]
 
@@ -25,10 +27,6 @@ _ENVELOPES = {SOAP11: "1.1", SOAP12: "1.2"}
 _NS_OF = {"1.1": SOAP11, "1.2": SOAP12}
 _CONTENT_TYPE = {"1.1": "text/xml; charset=utf-8", "1.2": "application/soap+xml; charset=utf-8"}
 OPERATION = "generateMapToken"
-
-
-class SoapError(Exception):
-    pass
 
 
 @dataclass

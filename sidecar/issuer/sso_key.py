@@ -10,7 +10,8 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from sidecar.authn.ip_key_sealing import keyring_for
-from sidecar.issuer.key_endpoint import KeyRequestError, key_claims
+from sidecar.errors import OAuthError
+from sidecar.issuer.key_endpoint import key_claims
 
 if TYPE_CHECKING:
     from sidecar.runtime import Services
@@ -23,7 +24,7 @@ async def issue_sso_key(services: Services, client_id: str, user: str) -> str:
     fields = {"user": user, "expiry_minutes": SSO_KEY_MINUTES, "single_use": True}
     try:
         claims = key_claims(client_id, fields, time.time())
-    except KeyRequestError as exc:
+    except OAuthError as exc:
         raise ValueError(exc.description) from None
     key = keyring_for(services.config).seal(claims)
     expires = datetime.fromtimestamp(claims.expires_at or 0, UTC).isoformat()

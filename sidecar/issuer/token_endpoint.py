@@ -16,9 +16,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from sidecar.errors import Refusal
+from sidecar.errors import OAuthError, Refusal
 from sidecar.issuer.client_secret import decode_basic
-from sidecar.issuer.grants import GRANTS, OAuthError
+from sidecar.issuer.grants import GRANTS
 
 if TYPE_CHECKING:
     from sidecar.runtime import Services
@@ -33,7 +33,8 @@ class TokenEndpoint:
 
     async def handle(self, request: Request) -> Response:
         if not self.services.signing:
-            return _error(404, "not_found", "this sidecar has no token endpoint: issuer.signing_key is not set")
+            return OAuthError("not_found", "this sidecar has no token endpoint: issuer.signing_key is not set",
+                              404).response()
         grant_type = client_id = None
         try:
             params = await form_params(request)
@@ -44,20 +45,13 @@ class TokenEndpoint:
             credentials = client_credentials(request.headers.getlist("authorization"), params)
             client_id = credentials[0] if credentials else None
             reply = await grant(self.services, params, credentials)
-            status = 200
+            status, decision, reason = 200, "allow", "ok"
             response: Response = JSONResponse(reply, headers=NO_STORE)
-        except OAuthError as exc:
-            status, response = exc.status, exc.response()
-            reason = exc.error
-        except Refusal as refusal:  # the store or the credentials service is down: fail closed
-            status = refusal.status
-            reason = "temporarily_unavailable" if status == 503 else refusal.reason
-            response = _error(status, reason, refusal.description)
-        else:
-            reason = "ok"
+        except Refusal as refusal:  # the store or the credentials service is down (503): fail closed
+            error = OAuthError.of(refusal, "temporarily_unavailable" if refusal.status == 503 else None)
+            status, decision, reason, response = error.status, error.decision, error.reason, error.response()
         self.services.audit.write(kind="token", grant=grant_type if grant_type in GRANTS else None,
-                                  client=client_id, decision="allow" if status == 200 else "deny",
-                                  reason=reason, status=status)
+                                  client=client_id, decision=decision, reason=reason, status=status)
         return response
 
 
@@ -136,10 +130,6 @@ def _decode_basic(value: str) -> tuple[str, str]:
     if decoded is None:
         raise OAuthError.invalid_client("the Basic credentials must be base64 of client_id:client_secret")
     return decoded
-
-
-def _error(status: int, error: str, description: str) -> JSONResponse:
-    return JSONResponse({"error": error, "error_description": description}, status_code=status, headers=NO_STORE)
 
 
 __all__ = ["NO_STORE", "TokenEndpoint", "token_routes"]

@@ -13,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from sidecar.errors import NotFound, Refusal
+from sidecar.errors import NotFound, Refusal, error_body
 from sidecar.issuer.identifier_map import Identifiers, parse_mappings
 
 if TYPE_CHECKING:
@@ -22,8 +22,8 @@ if TYPE_CHECKING:
 Handler = Callable[[Request], Awaitable[Response]]
 
 
-def error(status: int, reason: str, description: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": reason, "error_description": description}, status_code=status, headers=headers)
+def error(status: int, reason: str, description: str, headers: dict[str, str] | None = None) -> Response:
+    return Response(error_body(reason, description), status_code=status, headers=headers, media_type="application/json")
 
 
 async def json_body(request: Request, limit: int = 1024 * 1024) -> Any:

@@ -1,6 +1,7 @@
-"""The flow of one proxied request: match → authenticate → authorise → strip and set identity → forward.
+"""The flow of one proxied request: route → request view → authenticate → authorise → forward → record.
 
-Every refusal is a `Refusal` raised on the way and answered here, with its audit line and metrics."""
+An `Exchange` carries one request's audit fields and whether its reply has started. Every refusal is a `Refusal`
+(sidecar/errors.py) raised on the way and answered here, with its audit line and metrics."""
 
 from __future__ import annotations
 
@@ -42,85 +43,124 @@ class ClientDisconnected(Exception):
     pass
 
 
+class Exchange:
+    """One request on its way through the gateway: what its audit line records, and whether its reply has started
+    (after which a refusal can only be audited, no longer answered)."""
+
+    __slots__ = ("auth_name", "decision", "detail", "identity", "method", "path", "plan", "reason", "request",
+                 "responded", "seen", "started", "status", "upstream_seconds")
+
+    def __init__(self, method: str, seen: SeenHeaders) -> None:
+        self.started = time.perf_counter()
+        self.method = method
+        self.seen = seen
+        self.path: str | None = None
+        self.plan: RoutePlan | None = None
+        self.request: RequestView | None = None
+        self.auth_name: str | None = None
+        self.identity: Identity | None = None
+        self.responded = False
+        self.upstream_seconds: float | None = None
+        self.decision = self.reason = self.detail = ""
+        self.status = 0
+
+    def finish(self, decision: str, reason: str, status: int) -> None:
+        self.decision, self.reason, self.status = decision, reason, status
+
+    @property
+    def route_id(self) -> str | None:
+        return self.plan.route.id if self.plan is not None else None
+
+    def audit_line(self, route: str | None, total: float) -> dict[str, Any]:
+        line: dict[str, Any] = {"request_id": self.seen.request_id, "method": self.method, "route": route}
+        if self.path is not None:
+            line["path"] = self.path
+        if self.request is not None:
+            line["client_ip"] = self.request.client_ip
+        if self.identity is not None:
+            line["authenticator"] = self.auth_name
+            line["subject"] = self.identity.subject
+            line["client"] = self.identity.client
+        line["decision"], line["reason"], line["status"] = self.decision, self.reason, self.status
+        if self.upstream_seconds is not None:
+            line["upstream_ms"] = round(self.upstream_seconds * 1000, 2)
+        if self.detail:
+            line["detail"] = self.detail
+        line["total_ms"] = round(total * 1000, 2)
+        return line
+
+
 class Gateway:
     def __init__(self, services: Services) -> None:
         self.services = services
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        started = time.perf_counter()
-        services = self.services
-        policy: Policy = services.policy
-        headers: list[tuple[bytes, bytes]] = scope["headers"]
-        seen = scan_headers(headers)
-        method = scope["method"]
-        log: dict[str, Any] = {"request_id": seen.request_id, "method": method, "route": None}
-        plan: RoutePlan | None = None
-        request: RequestView | None = None
-        responded = [False]
-        upstream_seconds = None
+        policy: Policy = self.services.policy
+        exchange = Exchange(scope["method"], scan_headers(scope["headers"]))
         try:
-            if seen.bad_framing:
-                raise BadRequest("only Transfer-Encoding: chunked is accepted (RFC 9112 §6.1)")
-            if seen.too_large:
-                raise HeadersTooLarge(f"at most {MAX_HEADERS} header fields and {MAX_HEADER_BYTES} bytes are accepted")
-            path = normalise(scope)
-            log["path"] = path
-            if seen.hosts != 1 and (seen.hosts > 1 or scope.get("http_version") == "1.1"):
-                raise BadRequest("an HTTP/1.1 request carries exactly one Host header (RFC 9112 §3.2)")
-            if seen.bad_host:
-                raise BadRequest("the Host header is not a host name or address with an optional port (RFC 9110 §7.2)")
-            plan = policy.match(method, seen.host, path)
-            if plan is None:
-                raise NoRoute("no route matches this request")
-            log["route"] = plan.route.id
-            client = scope.get("client")
-            peer = client[0] if client else "0.0.0.0"
-            client_ip = (
-                client_address(peer, seen.forwarded_for, policy.trusted_proxies) if policy.trusted_proxies else peer
-            )
-            request = RequestView(method, path, scope.get("query_string", b""), headers, seen.authority,
-                                  scope.get("scheme", "http"), peer, client_ip, seen.request_id)
-            log["client_ip"] = client_ip
+            plan, request = self.route(policy, scope, exchange)
             if plan.needs_body:
-                request.body = await read_body(receive, plan.config.max_body, seen.content_length)
+                request.body = await read_body(receive, plan.config.max_body, exchange.seen.content_length)
             auth, identity = await self.authenticate(plan, request)
-            log["authenticator"] = auth.name
-            log["subject"] = identity.subject
-            log["client"] = identity.client
-            authorize(plan.config, identity, client_ip, policy.clients, auth.client_bound)
-            status, upstream_seconds = await self.forward(
-                policy, plan, request, auth, identity, receive, send, responded, seen.has_body)
-            log["decision"] = "allow"
-            log["reason"] = "ok"
-            log["status"] = status
-            log["upstream_ms"] = round(upstream_seconds * 1000, 2)
+            exchange.auth_name, exchange.identity = auth.name, identity
+            authorize(plan.config, identity, request.client_ip, policy.clients, auth.client_bound)
+            await self.forward(policy, plan, request, auth, identity, receive, send, exchange)
         except Refusal as refusal:
-            log.update(decision="deny", reason=refusal.reason, status=refusal.status)
-            if refusal.detail:
-                log["detail"] = refusal.detail
-            if refusal.status in (502, 504):
-                services.metrics.upstream_errors.labels(log["route"] or "-", refusal.reason).inc()
-            if not responded[0]:
-                await self.refuse(refusal, plan, request, seen.request_id, send)
-            if refusal.status in (401, 403) and services.webhooks.targets("auth.refused"):
-                await services.events.emit("auth.refused", {
-                    "route": log["route"], "status": refusal.status, "reason": refusal.reason,
-                    "client_ip": log.get("client_ip"), "authenticator": log.get("authenticator"),
-                    "request_id": seen.request_id,
-                })
+            await self.refused(refusal, exchange, send)
         except ClientDisconnected:
-            log.update(decision="abandoned", reason="client_disconnected", status=499)
+            exchange.finish("abandoned", "client_disconnected", 499)
         except asyncio.CancelledError:  # --grace ran out: server.GraceCutoff answers 503 (or closes); audit it too
-            log.update(decision="abandoned", reason="shutting_down", status=499 if responded[0] else 503)
-            self.record(log, started, upstream_seconds)
+            exchange.finish("abandoned", "shutting_down", 499 if exchange.responded else 503)
+            self.record(exchange)
             raise
-        self.record(log, started, upstream_seconds)
+        self.record(exchange)
 
-    def record(self, log: dict[str, Any], started: float, upstream_seconds: float | None) -> None:
-        total = time.perf_counter() - started
-        log["total_ms"] = round(total * 1000, 2)
-        self.services.audit.record(log)
-        self.services.metrics.request(log["route"] or "-", log["decision"], total, upstream_seconds)
+    def route(self, policy: Policy, scope: dict[str, Any], exchange: Exchange) -> tuple[RoutePlan, RequestView]:
+        """The request's route and its view, once the head is known to be well-formed (400 / 404 / 431 if not)."""
+        seen = exchange.seen
+        if seen.bad_framing:
+            raise BadRequest("only Transfer-Encoding: chunked is accepted (RFC 9112 §6.1)")
+        if seen.too_large:
+            raise HeadersTooLarge(f"at most {MAX_HEADERS} header fields and {MAX_HEADER_BYTES} bytes are accepted")
+        path = exchange.path = normalise(scope)
+        if seen.hosts != 1 and (seen.hosts > 1 or scope.get("http_version") == "1.1"):
+            raise BadRequest("an HTTP/1.1 request carries exactly one Host header (RFC 9112 §3.2)")
+        if seen.bad_host:
+            raise BadRequest("the Host header is not a host name or address with an optional port (RFC 9110 §7.2)")
+        plan = policy.match(scope["method"], seen.host, path)
+        if plan is None:
+            raise NoRoute("no route matches this request")
+        exchange.plan = plan
+        client = scope.get("client")
+        peer = client[0] if client else "0.0.0.0"
+        client_ip = client_address(peer, seen.forwarded_for, policy.trusted_proxies) if policy.trusted_proxies else peer
+        request = exchange.request = RequestView(
+            scope["method"], path, scope.get("query_string", b""), scope["headers"], seen.authority,
+            scope.get("scheme", "http"), peer, client_ip, seen.request_id)
+        return plan, request
+
+    async def refused(self, refusal: Refusal, exchange: Exchange, send: Any) -> None:
+        """Answer (unless the reply has started) and account for a refusal; 401 and 403 also emit `auth.refused`."""
+        exchange.finish(refusal.decision, refusal.reason, refusal.status)
+        exchange.detail = refusal.detail
+        services = self.services
+        if refusal.status in (502, 504):
+            services.metrics.upstream_errors.labels(exchange.route_id or "-", refusal.reason).inc()
+        if not exchange.responded:
+            await self.refuse(refusal, exchange.plan, exchange.request, exchange.seen.request_id, send)
+        if refusal.status in (401, 403) and services.webhooks.targets("auth.refused"):
+            await services.events.emit("auth.refused", {
+                "route": exchange.route_id, "status": refusal.status, "reason": refusal.reason,
+                "client_ip": exchange.request.client_ip if exchange.request is not None else None,
+                "authenticator": exchange.auth_name, "request_id": exchange.seen.request_id,
+            })
+
+    def record(self, exchange: Exchange) -> None:
+        total = time.perf_counter() - exchange.started
+        plan = exchange.plan
+        route = plan.route.id if plan is not None else None
+        self.services.audit.record(exchange.audit_line(route, total))
+        self.services.metrics.request(route or "-", exchange.decision, total, exchange.upstream_seconds)
 
     async def authenticate(self, plan: RoutePlan, request: RequestView) -> tuple[Authenticator, Identity]:
         for auth in plan.authenticators:
@@ -136,14 +176,15 @@ class Gateway:
 
     async def forward(
         self, policy: Policy, plan: RoutePlan, request: RequestView, auth: Authenticator, identity: Identity,
-        receive: Any, send: Any, responded: list[bool], has_body: bool,
-    ) -> tuple[int, float]:
+        receive: Any, send: Any, exchange: Exchange,
+    ) -> None:
+        """Send the request upstream with the identity set and the route's strips, and stream the reply back."""
         body: Any
         body_length = None
         if request.body is not None:
             body = strip_body(request.body, request.content_type(), plan.strip.body_fields)
             body_length = len(body) if (body or request.header(b"content-length") is not None) else None
-        elif has_body:
+        elif exchange.seen.has_body:
             body = stream_body(receive)
         else:
             body = None
@@ -166,7 +207,7 @@ class Gateway:
             response_headers.append((b"x-request-id", request.request_id.encode()))
             response_headers.extend(auth.response_headers(identity, request))
             await send({"type": "http.response.start", "status": response.status, "headers": response_headers})
-            responded[0] = True
+            exchange.responded = True
             async for chunk in response.body():
                 if chunk:
                     if captured is not None:
@@ -182,7 +223,8 @@ class Gateway:
             data = event_data(b"".join(captured or []), size, cap, identity, plan.route.id)
             for emit in emits:
                 await self.services.events.emit(emit.event, data)
-        return response.status, upstream_seconds
+        exchange.upstream_seconds = upstream_seconds
+        exchange.finish("allow", "ok", response.status)
 
     async def refuse(
         self, refusal: Refusal, plan: RoutePlan | None, request: RequestView | None, request_id: str, send: Any,

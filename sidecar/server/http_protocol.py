@@ -14,6 +14,8 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from sidecar.errors import error_body
+
 
 class CoalescingTransport:
     """An `asyncio.Transport` front that gathers the writes of one loop turn; everything else passes through."""
@@ -51,7 +53,7 @@ class CoalescingTransport:
 
 
 MAX_HEAD_BYTES = 80 * 1024  # request line and headers; the gateway answers 431 above 64 KiB of fields
-_BODY_431 = b'{"error": "headers_too_large", "error_description": "the request head is larger than the limit"}'
+_BODY_431 = error_body("headers_too_large", "the request head is larger than the limit")
 _HEAD_TOO_LARGE = (b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
                    b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(_BODY_431), _BODY_431))
 

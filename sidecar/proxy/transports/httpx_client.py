@@ -8,7 +8,12 @@ from collections.abc import AsyncIterator
 import httpx
 
 from sidecar.errors import UpstreamTimeout, UpstreamUnavailable
+from sidecar.outbound.httpx_errors import HttpxErrors
 from sidecar.proxy.transports.base import RESPONSE_HOP_BY_HOP, Body, Headers, Upstream, UpstreamResponse
+
+_SEND_ERRORS = HttpxErrors(UpstreamUnavailable, "the upstream could not be reached",
+                           timeout=UpstreamTimeout, timeout_message="the upstream did not answer in time")
+_BODY_ERRORS = HttpxErrors(UpstreamUnavailable, "the upstream broke off its reply")
 
 
 class HttpxResponse:
@@ -20,11 +25,9 @@ class HttpxResponse:
         self.headers = [(k.lower(), v) for k, v in response.headers.raw if k.lower() not in RESPONSE_HOP_BY_HOP]
 
     async def body(self) -> AsyncIterator[bytes]:
-        try:
+        with _BODY_ERRORS:
             async for chunk in self._response.aiter_raw():
                 yield chunk
-        except httpx.HTTPError as exc:
-            raise UpstreamUnavailable("the upstream broke off its reply") from exc
 
     async def aclose(self) -> None:
         await self._response.aclose()
@@ -47,12 +50,8 @@ class HttpxTransport:
         url = httpx.URL(scheme=self.upstream.scheme, host=self.upstream.host, port=self.upstream.port,
                         raw_path=target)
         request = self._client.build_request(method, url, headers=headers, content=body)
-        try:
+        with _SEND_ERRORS:
             response = await self._client.send(request, stream=True)
-        except httpx.TimeoutException as exc:
-            raise UpstreamTimeout("the upstream did not answer in time") from exc
-        except (httpx.HTTPError, OSError) as exc:
-            raise UpstreamUnavailable("the upstream could not be reached") from exc
         return HttpxResponse(response)
 
     async def aclose(self) -> None:

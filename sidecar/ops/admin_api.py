@@ -164,8 +164,6 @@ def admin_app(services: Services, extra_routes: list[Route] | None = None) -> St
 
 async def readiness_problems(services: Services) -> list[str]:
     problems = []
-    if not services.ready:
-        problems.append("configuration not loaded")
     if services.store.shared and not (await services.store.ping() and services.store.connected):
         problems.append("redis unreachable")
     for name, auth in services.policy.authenticators.items():

@@ -120,9 +120,8 @@ class Serving:
         with contextlib.suppress(ValueError, RuntimeError):  # not the main thread: signals are not ours to take
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.stop)
-            reload = getattr(self.services, "reload_from_file", None)
-            if reload is not None:
-                loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(reload()))
+            reload = self.services.reload_from_file
+            loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(reload()))
         admin_task = asyncio.ensure_future(admin_server.serve(sockets=[self.sockets[1]]))
         main_task = asyncio.ensure_future(main.serve(sockets=[self.sockets[0]]))
         while not (main.started and admin_server.started) and not main_task.done():

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import httpx
 
 from sidecar.errors import UpstreamTimeout, UpstreamUnavailable
-from sidecar.proxy.transports.base import RESPONSE_HOP_BY_HOP, Body, Headers, Upstream, UpstreamResponse
+from sidecar.proxy.transports.base import HOP_BY_HOP, Body, Headers, Upstream, UpstreamResponse
 
 
 class HttpxResponse:
@@ -17,7 +17,7 @@ class HttpxResponse:
     def __init__(self, response: httpx.Response) -> None:
         self._response = response
         self.status = response.status_code
-        self.headers = [(k.lower(), v) for k, v in response.headers.raw if k.lower() not in RESPONSE_HOP_BY_HOP]
+        self.headers = [(k.lower(), v) for k, v in response.headers.raw if k.lower() not in HOP_BY_HOP]
 
     async def body(self) -> AsyncIterator[bytes]:
         try:

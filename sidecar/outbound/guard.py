@@ -217,8 +217,9 @@ class GuardedBackend(httpcore.AsyncNetworkBackend):
 class _GuardedTransport(httpx.AsyncHTTPTransport):
     def __init__(self, backend: GuardedBackend, limits: httpx.Limits, verify: ssl.SSLContext | bool) -> None:
         super().__init__(trust_env=False, limits=limits)
-        # httpx has no public way to choose httpcore's network backend; `_pool` is the one attribute its
-        # request path uses (tests/test_netguard.py would fail if that changed).
+        # httpx's one private attribute the sidecar uses (the httpx version is capped in pyproject.toml): httpx has no
+        # public way to choose httpcore's network backend, and `_pool` is what its request path sends through.
+        # tests/test_dependency_internals.py fails with a clear message if a new httpx changes that.
         self._pool = httpcore.AsyncConnectionPool(
             ssl_context=httpx.create_ssl_context(verify=verify, trust_env=False),
             max_connections=limits.max_connections, max_keepalive_connections=limits.max_keepalive_connections,

@@ -7,14 +7,14 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from sidecar.errors import UpstreamTimeout, UpstreamUnavailable
-from sidecar.proxy.transports.base import RESPONSE_HOP_BY_HOP, Body, Headers, Upstream
+from sidecar.proxy.transports.base import HOP_BY_HOP, Body, Headers, Upstream
 
 
 class AiohttpResponse:
     def __init__(self, response: Any) -> None:
         self._response = response
         self.status = response.status
-        self.headers = [(k.lower(), v) for k, v in response.raw_headers if k.lower() not in RESPONSE_HOP_BY_HOP]
+        self.headers = [(k.lower(), v) for k, v in response.raw_headers if k.lower() not in HOP_BY_HOP]
 
     async def body(self) -> AsyncIterator[bytes]:
         async for chunk in self._response.content.iter_any():

@@ -11,13 +11,12 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-import httpx
-
 from sidecar.authn.jwks import JwksKeys
 from sidecar.events import Events
 from sidecar.issuer.signing_keys import IDENTITY_TOKEN_TYPE, SigningKeys
 from sidecar.ops.audit import AuditLog
 from sidecar.ops.metrics import Metrics
+from sidecar.outbound.guard import ServiceClient
 from sidecar.proxy.route_plans import Policy
 from sidecar.proxy.transports.base import Transport
 from sidecar.proxy.transports.registry import make_transport
@@ -70,7 +69,7 @@ class Services:
         self.loaded = loaded
         self.audit = audit or AuditLog()
         self.metrics = metrics or Metrics()
-        self.http = httpx.AsyncClient(timeout=httpx.Timeout(5.0), follow_redirects=False, trust_env=False)
+        self.http = ServiceClient()
         self.transports: dict[tuple[str, float, float], Transport] = {}
         self._jwks: dict[str, JwksKeys] = {}
         self._jwks_loaders: dict[str, asyncio.Task[None]] = {}
@@ -89,12 +88,10 @@ class Services:
         self.events.add_sink(self.webhooks.enqueue)
         self.policy = Policy(loaded, self)
         self.store.subscribe(self._on_store_message)
-        if hasattr(self.store, "on_reconnect"):
-            self.store.on_reconnect(self._forget_revocable_verdicts)
-            self.store.on_health(self.metrics.redis_health)
+        self.store.on_reconnect(self._forget_revocable_verdicts)
+        self.store.on_health(self.metrics.redis_health)
         self._background: list[asyncio.Task[None]] = []
         self._identity_tokens: dict[tuple[Any, ...], tuple[str, float]] = {}
-        self.ready = True
 
     def _on_store_message(self, message: dict[str, Any]) -> None:
         if message.get("type") == "token_revoked":

@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from sidecar.echo import EchoApp, Received
 from sidecar.issuer.signing_keys import public_jwk
+from sidecar.server.runner import SignalFreeServer
 
 __all__ = ["KeyPair", "Received", "RecordingUpstream", "RunningSidecar", "SidecarProcess", "delete_sidecar_keys",
            "free_port", "recording_upstream", "redis_url_for_tests", "running_sidecar", "serve_in_thread"]
@@ -78,19 +79,13 @@ class KeyPair:
         return jwt.encode(payload, self.private_key, algorithm=self.alg, headers=header)
 
 
-class _ThreadServer(uvicorn.Server):
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-
 @contextlib.contextmanager
 def serve_in_thread(app: Any, port: int | None = None) -> Iterator[str]:
     """Serve an ASGI app with uvicorn on 127.0.0.1 in a background thread; yields its base URL."""
     port = port or free_port()
     config = uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="off", log_level="warning",
                             access_log=False, http="httptools", loop="asyncio")
-    server = _ThreadServer(config)
+    server = SignalFreeServer(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10

@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from sidecar.outbound.guard import UnsafeDestination, delivery_client, forbidden_reason, literal_address, url_refusal
+from sidecar.server.runner import SignalFreeServer
 from sidecar.testing import free_port, serve_in_thread
 
 LOOPBACK = "loopback"
@@ -181,16 +182,10 @@ def _certificate(tmp_path: Path, name: str) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
-class _ThreadServer(uvicorn.Server):
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-
 @contextlib.contextmanager
 def tls_server(app: Any, cert: Path, key: Path) -> Iterator[int]:
     port = free_port()
-    server = _ThreadServer(uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="off", log_level="critical",
+    server = SignalFreeServer(uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="off", log_level="critical",
                                           ssl_certfile=str(cert), ssl_keyfile=str(key)))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -96,6 +96,20 @@ def test_admin_reload_reports_errors_and_keeps_old_policy():
         assert httpx.post(sc.admin_url + "/admin/reload").status_code == 401
 
 
+def test_admin_refuses_an_oversized_body_before_it_has_all_arrived():
+    """An admin body over the limit is refused as soon as the limit is passed, not after the whole body is read."""
+    with recording_upstream() as up, running_sidecar(config(up.url, [route("a", "/a/**")])) as sc:
+        port = int(sc.admin_url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+            conn.sendall(b"POST /admin/identifiers HTTP/1.1\r\nHost: admin\r\n"
+                         b"Authorization: Bearer " + ADMIN.encode() + b"\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 50000000\r\n\r\n")
+            conn.sendall(b" " * (2 * 1024 * 1024))  # past the 1 MiB limit; the other 48 MB never come
+            reply = conn.recv(65536)
+    assert reply.startswith(b"HTTP/1.1 400 ")
+    assert b'"payload_too_large"' in reply
+
+
 def slow_upstream(delay: float):
     async def app(scope, receive, send):
         if scope["type"] != "http":

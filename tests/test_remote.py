@@ -18,7 +18,8 @@ from validator_support import Call, validator
 
 from sidecar.authn.remote_check import CheckResult, RemoteCheck, check
 from sidecar.errors import DependencyUnavailable
-from sidecar.outbound import pinned as egress
+from sidecar.outbound import guard
+from sidecar.outbound.guard import ServiceClient
 from sidecar.testing import free_port, running_sidecar
 
 WORDS = {"one": " 1 \n", "true": "true", "S": "S", "yes": "Yes", "sim": "Sim", "zero": "0", "false": "FALSE",
@@ -297,7 +298,7 @@ def fake_dns(monkeypatch, answers: dict[str, list[str]]) -> None:
 def run_check(url: str, allow_private: bool = False) -> CheckResult:
     """One check with the address guard on (`allow_private: false`), unless told otherwise."""
     async def go() -> CheckResult:
-        async with httpx.AsyncClient(trust_env=False) as http:
+        async with ServiceClient() as http:
             return await check(http, RemoteCheck(url=url, allow_private=allow_private), "good-1")
 
     return asyncio.run(go())
@@ -308,7 +309,7 @@ def test_call_is_pinned_to_the_checked_address(monkeypatch, service):
     app, url = service
     port = httpx.URL(url).port
     fake_dns(monkeypatch, {"validator.example": ["127.0.0.1"]})
-    monkeypatch.setattr(egress, "forbidden_reason", lambda ip: None)  # this test's loopback stands for the internet
+    monkeypatch.setattr(guard, "forbidden_reason", lambda ip: None)  # this test's loopback stands for the internet
     assert run_check(f"http://validator.example:{port}/valida_token").accepted
     (call,) = app.calls
     assert call.headers["host"] == f"validator.example:{port}"

@@ -22,11 +22,10 @@ from sidecar.config.types import Source
 from sidecar.errors import BadRequest, Unauthenticated
 
 if TYPE_CHECKING:
-    import httpx
-
     from sidecar.authn.jwks import JwksKeys
     from sidecar.config.clients import ClientConfig
     from sidecar.config.types import ClientPublicKey
+    from sidecar.outbound.guard import ServiceClient
     from sidecar.proxy.request_view import RequestView
 
 # The longest credential read, unless an authenticator's configuration sets its own (`max_token_size`): a longer
@@ -142,7 +141,7 @@ class AuthnContext(Protocol):
     Read at verification time, so a reload's new policy and keys apply at once."""
 
     @property
-    def http(self) -> httpx.AsyncClient: ...  # outbound calls: remote checks, JWKS fetches
+    def http(self) -> ServiceClient: ...  # outbound calls: remote checks, JWKS fetches (guarded twin inside)
 
     @property
     def store(self) -> _Store: ...  # single-use marks, seen `jti`s

@@ -23,9 +23,10 @@ from pydantic import field_validator, model_validator
 
 from sidecar.authn.base import AuthenticatorBase, AuthnContext, Credential, Identity, fingerprint, read_first
 from sidecar.authn.hmac_values import InvalidValue, sign, verify
-from sidecar.authn.ip_key_sealing import InvalidKey, canonical_ip, keyring_for, used_mark
+from sidecar.authn.ip_key_sealing import InvalidKey, keyring_for, used_mark
 from sidecar.config.types import Duration, Model, Source, parse_source
 from sidecar.errors import LoggedOut, Unauthenticated
+from sidecar.ip_addresses import canonical_ip
 from sidecar.proxy.request_view import RequestView
 
 CLOCK_SKEW = 60.0

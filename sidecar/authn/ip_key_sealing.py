@@ -17,7 +17,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import ipaddress
 import json
 import os
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from sidecar.timestamps import timestamp
 
-__all__ = ["KEY_PREFIX", "InvalidKey", "KeyClaims", "Keyring", "canonical_ip", "keyring_for", "used_mark"]
+__all__ = ["KEY_PREFIX", "InvalidKey", "KeyClaims", "Keyring", "keyring_for", "used_mark"]
 
 KEY_PREFIX = "ab_"
 MAX_KEY_LENGTH = 4096
@@ -43,14 +42,6 @@ _PROCESS_SECRET = os.urandom(32)
 
 class InvalidKey(Exception):
     """A key that is not one of ours (garbage, tampered, or sealed under a secret no longer configured)."""
-
-
-def canonical_ip(text: str) -> str:
-    """An address in one spelling, IPv4-mapped IPv6 unwrapped: `::ffff:10.0.0.1` is `10.0.0.1`."""
-    ip = ipaddress.ip_address(text.strip())
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-        ip = ip.ipv4_mapped
-    return str(ip)
 
 
 @dataclass(frozen=True, slots=True)

@@ -38,7 +38,6 @@ class JwksKeys:
         self._fetched_at = 0.0
         self._attempted_at = -1e9
         self._inflight: asyncio.Future[None] | None = None
-        self.fetches = 0
         self.last_error: str | None = None  # why the last fetch failed (an exception type), None after a success
 
     @property
@@ -78,7 +77,6 @@ class JwksKeys:
             self._inflight = None
 
     async def _fetch(self) -> None:
-        self.fetches += 1
         try:
             response = await self._http.get(self.url, headers={"accept": "application/json"})
             response.raise_for_status()

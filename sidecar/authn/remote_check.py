@@ -25,14 +25,12 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import quote, quote_plus, urlsplit
 
-import httpx
 from pydantic import field_validator, model_validator
 
 from sidecar.config.types import Duration, Model
 from sidecar.errors import DependencyUnavailable
-from sidecar.outbound.guard import forbidden_reason, literal_address, url_refusal
+from sidecar.outbound.guard import ServiceClient, UnsafeDestination, forbidden_reason, literal_address, url_refusal
 from sidecar.outbound.httpx_errors import HttpxErrors
-from sidecar.outbound.pinned import PrivateAddress, pinned_target
 from sidecar.timestamps import timestamp
 
 __all__ = ["CheckResult", "RemoteCheck", "check"]
@@ -56,7 +54,7 @@ class RemoteCheck(Model):
     negative_ttl: Duration | None = None
     headers: dict[str, str] = {}  # static extra headers, e.g. an API key
     # The operator wrote this URL: usually the customer's own service in the same pod or network, so internal
-    # addresses are allowed. `false` turns on the address guard webhooks always have (sidecar.outbound.pinned).
+    # addresses are allowed. `false` turns on the address guard webhooks always have (sidecar.outbound.guard).
     allow_private: bool = True
     client_id: str | None = None  # introspection: the sidecar's own client credentials (RFC 7662 §2.1)
     client_secret: str | None = None
@@ -153,7 +151,7 @@ class _Unsendable(Exception):
 
 
 async def check(
-    http: httpx.AsyncClient, cfg: RemoteCheck, value: str | None, extra_fields: Mapping[str, str] | None = None,
+    http: ServiceClient, cfg: RemoteCheck, value: str | None, extra_fields: Mapping[str, str] | None = None,
 ) -> CheckResult:
     """Ask the service about `value` (and `extra_fields`, e.g. username and password for the password grant)."""
     secrets_sent = [v for v in (value, *(extra_fields or {}).values()) if v]
@@ -162,7 +160,7 @@ async def check(
             status, body = await _call(http, cfg, value, dict(extra_fields or {}))
     except _Unsendable:
         return CheckResult(accepted=False, message="the value cannot be sent in a header")
-    except PrivateAddress as exc:
+    except UnsafeDestination as exc:
         raise DependencyUnavailable("the validation service is unavailable", detail=str(exc)) from None
     # A 4xx may still be a clear "no" (a service answering ERROR with 401); a yes only ever comes with a 2xx.
     readable = 200 <= status < 300 or (400 <= status < 500 and status not in (408, 429))
@@ -181,7 +179,7 @@ async def check(
 
 
 async def _call(
-    http: httpx.AsyncClient, cfg: RemoteCheck, value: str | None, fields: dict[str, str],
+    http: ServiceClient, cfg: RemoteCheck, value: str | None, fields: dict[str, str],
 ) -> tuple[int, bytes]:
     url = cfg.url
     headers = {"Accept": "text/plain, */*" if cfg.response == "boolean" else "application/json", **cfg.headers}
@@ -210,11 +208,11 @@ async def _call(
             request["json"] = fields
         else:
             headers.update(fields)
+    # With the guard on, the guarded client resolves the name once, checks every address and connects to a
+    # checked one (sidecar.outbound.guard): a name answering "public" cannot then connect to 127.0.0.1.
+    client = http if cfg.allow_private else http.guarded
     async with asyncio.timeout(cfg.timeout):  # the whole call, name resolution included
-        target, pin_headers, extensions = await pinned_target(url, cfg.allow_private)
-        headers.update(pin_headers)
-        async with http.stream(cfg.method, target, headers=headers, timeout=cfg.timeout, extensions=extensions,
-                               **request) as response:
+        async with client.stream(cfg.method, url, headers=headers, timeout=cfg.timeout, **request) as response:
             body = bytearray()
             async for chunk in response.aiter_bytes():
                 body += chunk

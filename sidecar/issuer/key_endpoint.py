@@ -20,8 +20,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from sidecar.authn.ip_key_sealing import KeyClaims, canonical_ip, keyring_for
+from sidecar.authn.ip_key_sealing import KeyClaims, keyring_for
 from sidecar.errors import OAuthError, Refusal
+from sidecar.ip_addresses import canonical_ip
 from sidecar.issuer.client_secret import decode_basic, verify_client_secret
 from sidecar.issuer.soap import (
     SoapRequest,
@@ -30,6 +31,7 @@ from sidecar.issuer.soap import (
     parse_generate_map_token,
     soap_version_of,
 )
+from sidecar.request_body import read_limited
 from sidecar.state.client_token_store import token_hash
 
 if TYPE_CHECKING:
@@ -65,7 +67,9 @@ class KeyEndpoint:
         soap_version: str | None = None
         soap: SoapRequest | None = None
         try:
-            body = await _read_body(request)
+            body = await read_limited(request, MAX_BODY)
+            if body is None:
+                raise _bad(f"the request body is larger than {MAX_BODY} bytes")
             if _is_xml(content_type, body):
                 soap_version = soap_version_of(content_type)
             client_id = await self._client(request)
@@ -123,15 +127,6 @@ class KeyEndpoint:
         if client is None:
             raise _unauthorised("unknown client or wrong client secret")
         return client.id
-
-
-async def _read_body(request: Request) -> bytes:
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_BODY:
-            raise _bad(f"the request body is larger than {MAX_BODY} bytes")
-    return bytes(body)
 
 
 def _is_xml(content_type: str, body: bytes) -> bool:

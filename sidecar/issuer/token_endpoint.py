@@ -19,6 +19,7 @@ from starlette.routing import Route
 from sidecar.errors import OAuthError, Refusal
 from sidecar.issuer.client_secret import decode_basic
 from sidecar.issuer.grants import GRANTS
+from sidecar.request_body import read_limited
 
 if TYPE_CHECKING:
     from sidecar.runtime import Services
@@ -69,11 +70,9 @@ def unknown_grant(grant_type: str | None) -> OAuthError:
 async def form_params(request: Request) -> dict[str, str]:
     """The request's parameters. RFC 6749 §3.2: empty parameters are as if omitted, and none may repeat (within
     the body, or within the query string)."""
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_BODY:
-            raise OAuthError("invalid_request", f"the request body is larger than {MAX_BODY} bytes")
+    body = await read_limited(request, MAX_BODY)
+    if body is None:
+        raise OAuthError("invalid_request", f"the request body is larger than {MAX_BODY} bytes")
     content_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if body and content_type != "application/x-www-form-urlencoded":
         raise OAuthError("invalid_request", "send the parameters as application/x-www-form-urlencoded")

@@ -15,6 +15,7 @@ from starlette.routing import Route
 
 from sidecar.errors import NotFound, Refusal, error_body
 from sidecar.issuer.identifier_map import Identifiers, parse_mappings
+from sidecar.request_body import read_limited
 
 if TYPE_CHECKING:
     from sidecar.runtime import Services
@@ -27,8 +28,8 @@ def error(status: int, reason: str, description: str, headers: dict[str, str] | 
 
 
 async def json_body(request: Request, limit: int = 1024 * 1024) -> Any:
-    body = await request.body()
-    if len(body) > limit:
+    body = await read_limited(request, limit)
+    if body is None:
         raise Refusal("the body is too large", reason="payload_too_large")
     try:
         return json.loads(body)
@@ -166,8 +167,6 @@ def admin_app(services: Services, extra_routes: list[Route] | None = None) -> St
 
 async def readiness_problems(services: Services) -> list[str]:
     problems = []
-    if not services.ready:
-        problems.append("configuration not loaded")
     for name, auth in services.policy.authenticators.items():
         jwks = auth.key_set
         if jwks is not None and not jwks.loaded:

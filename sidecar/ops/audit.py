@@ -7,16 +7,11 @@ request's critical path."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import sys
 import time
 from typing import Any, TextIO
 
 import orjson
-
-
-def credential_hint(credential: str) -> str:
-    return hashlib.sha256(credential.encode("utf-8", "surrogateescape")).hexdigest()[:8]
 
 
 class AuditLog:

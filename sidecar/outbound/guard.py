@@ -1,4 +1,8 @@
-"""Which addresses a webhook may be delivered to (SPEC §8), and an HTTP client that keeps to them.
+"""Which addresses the sidecar may call out to (SPEC §8), and HTTP clients that keep to them.
+
+The one outbound-safety guard, used by webhook deliveries (always, unless a webhook sets `allow_private: true`)
+and by validation services (`sidecar.authn.remote_check`, only when one sets `allow_private: false`: the operator
+wrote those URLs and they usually point inside the pod or network).
 
 A webhook URL chosen by a partner, or a DNS answer an attacker controls, could point the sidecar at itself,
 at the pod network or at the cloud metadata service (169.254.169.254) — server-side request forgery. So,
@@ -29,8 +33,8 @@ from urllib.parse import urlsplit
 import httpcore
 import httpx
 
-__all__ = ["GuardedBackend", "UnsafeDestination", "delivery_client", "forbidden_reason", "literal_address",
-           "url_refusal"]
+__all__ = ["GuardedBackend", "ServiceClient", "UnsafeDestination", "delivery_client", "forbidden_reason",
+           "literal_address", "url_refusal"]
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Resolver = Callable[[str, int], Awaitable[list[str]]]
@@ -67,7 +71,7 @@ _V4_PART = re.compile(r"^(0[xX][0-9a-fA-F]*|0[0-7]*|[1-9][0-9]*)$")
 
 
 class UnsafeDestination(Exception):
-    """The host resolves to an address deliveries may not go to (and `allow_private` is not set)."""
+    """The host resolves to an address calls may not go to (and `allow_private` does not allow it)."""
 
 
 def literal_address(host: str) -> IPAddress | None:
@@ -162,8 +166,9 @@ async def _system_resolve(host: str, port: int) -> list[str]:
 class GuardedBackend(httpcore.AsyncNetworkBackend):
     """httpcore's TCP connector, resolving once, checking every address, and connecting to a checked one."""
 
-    def __init__(self, allow_private: bool, resolve: Resolver | None = None) -> None:
+    def __init__(self, allow_private: bool, resolve: Resolver | None = None, what: str = "webhook") -> None:
         self.allow_private = allow_private
+        self._what = what
         self._resolve = resolve or _system_resolve
         self._inner = httpcore.AnyIOBackend()
 
@@ -181,9 +186,14 @@ class GuardedBackend(httpcore.AsyncNetworkBackend):
                 # One bad answer refuses them all: a name that mixes public and internal answers is an attack.
                 reason = forbidden_reason(ipaddress.ip_address(address.split("%", 1)[0]))
                 if reason:
-                    raise UnsafeDestination(f"{host} resolves to {address} ({reason}); deliveries there "
-                                            "are refused unless the webhook sets allow_private: true")
+                    raise UnsafeDestination(f"{host} resolves to {address} ({reason}); {self._refusal()}")
         return candidates
+
+    def _refusal(self) -> str:
+        if self._what == "webhook":
+            return "deliveries there are refused unless the webhook sets allow_private: true"
+        return (f"calls there are refused because this {self._what} sets allow_private: false; remove that line if "
+                "that is intended")
 
     async def connect_tcp(self, host: str, port: int, timeout: float | None = None, local_address: str | None = None,
                           socket_options: Iterable[Any] | None = None) -> httpcore.AsyncNetworkStream:
@@ -198,7 +208,7 @@ class GuardedBackend(httpcore.AsyncNetworkBackend):
 
     async def connect_unix_socket(self, path: str, timeout: float | None = None,
                                   socket_options: Iterable[Any] | None = None) -> httpcore.AsyncNetworkStream:
-        raise httpcore.ConnectError("unix sockets are not webhook destinations")
+        raise httpcore.ConnectError("unix sockets are not outbound destinations")
 
     async def sleep(self, seconds: float) -> None:
         await self._inner.sleep(seconds)
@@ -207,8 +217,9 @@ class GuardedBackend(httpcore.AsyncNetworkBackend):
 class _GuardedTransport(httpx.AsyncHTTPTransport):
     def __init__(self, backend: GuardedBackend, limits: httpx.Limits, verify: ssl.SSLContext | bool) -> None:
         super().__init__(trust_env=False, limits=limits)
-        # httpx has no public way to choose httpcore's network backend; `_pool` is the one attribute its
-        # request path uses (tests/test_netguard.py would fail if that changed).
+        # httpx's one private attribute the sidecar uses (the httpx version is capped in pyproject.toml): httpx has no
+        # public way to choose httpcore's network backend, and `_pool` is what its request path sends through.
+        # tests/test_dependency_internals.py fails with a clear message if a new httpx changes that.
         self._pool = httpcore.AsyncConnectionPool(
             ssl_context=httpx.create_ssl_context(verify=verify, trust_env=False),
             max_connections=limits.max_connections, max_keepalive_connections=limits.max_keepalive_connections,
@@ -217,9 +228,27 @@ class _GuardedTransport(httpx.AsyncHTTPTransport):
 
 
 def delivery_client(allow_private: bool, max_connections: int = 32, resolve: Resolver | None = None,
-                    verify: ssl.SSLContext | bool = True) -> httpx.AsyncClient:
-    """An HTTP client for webhook deliveries: guarded and pinned as above, no redirects, no proxy from the
-    environment (timeouts are set per request)."""
+                    verify: ssl.SSLContext | bool = True, what: str = "webhook") -> httpx.AsyncClient:
+    """An HTTP client for webhook deliveries (or, with `what`, other outbound calls): guarded and pinned as
+    above, pooled, no redirects, no proxy from the environment (timeouts are set per request)."""
     limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
-    transport = _GuardedTransport(GuardedBackend(allow_private, resolve), limits, verify)
+    transport = _GuardedTransport(GuardedBackend(allow_private, resolve, what), limits, verify)
     return httpx.AsyncClient(transport=transport, follow_redirects=False, trust_env=False, timeout=10.0)
+
+
+class ServiceClient(httpx.AsyncClient):
+    """The client for services the configuration names (validation services, JWKS): internal addresses
+    allowed, as the operator wrote these URLs; `guarded` is its twin for validators that set
+    `allow_private: false` — a separate pool, so a connection made unchecked is never reused by a checked call."""
+
+    def __init__(self, timeout: float = 5.0, resolve: Resolver | None = None) -> None:
+        super().__init__(timeout=httpx.Timeout(timeout), follow_redirects=False, trust_env=False)
+        self.guarded = delivery_client(False, resolve=resolve, what="validator")
+
+    async def aclose(self) -> None:
+        await self.guarded.aclose()
+        await super().aclose()
+
+    async def __aexit__(self, *exc_info: Any) -> None:  # httpx's `async with` closes without calling aclose()
+        await self.guarded.aclose()
+        await super().__aexit__(*exc_info)

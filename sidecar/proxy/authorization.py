@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from sidecar.errors import Forbidden
-from sidecar.proxy.request_view import ip_in
+from sidecar.ip_addresses import ip_in
 
 if TYPE_CHECKING:
     from sidecar.authn.base import Identity

@@ -3,15 +3,14 @@ query, cookies, body fields and the client address as trusted through `trusted_p
 
 from __future__ import annotations
 
-import ipaddress
 import json
 from collections.abc import Sequence
 from typing import Any
 from urllib.parse import parse_qsl
 
 from sidecar.config.types import Source
+from sidecar.ip_addresses import Network, ip_in
 
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Headers = list[tuple[bytes, bytes]]
 
 
@@ -28,17 +27,6 @@ def client_address(peer: str, forwarded_for: list[bytes], trusted: Sequence[Netw
         if not ip_in(hop, trusted):
             break
     return client
-
-
-def ip_in(address: str, networks: Sequence[Network]) -> bool:
-    """Whether an address (IPv4-mapped IPv6 unwrapped) lies in one of the networks; an unparsable one never does."""
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-        ip = ip.ipv4_mapped
-    return any(ip in net for net in networks)
 
 
 def is_trusted_peer(peer: str, trusted: Sequence[Network]) -> bool:

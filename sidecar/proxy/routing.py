@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from sidecar.errors import BadRequest
 
@@ -229,8 +229,3 @@ def _covers(earlier: CompiledRoute, later: CompiledRoute, sample: str) -> bool:
     if "**" in (later.config.match.path or "") and not earlier.path_regex.match(sample.replace("zz9/zz8", "")):
         return False
     return True
-
-
-def route_summary(route: Any) -> str:
-    match = route.config.match
-    return f"{route.id} ({','.join(match.methods or ['*'])} {match.host or '*'} {match.path or match.path_regex})"

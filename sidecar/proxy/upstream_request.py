@@ -10,17 +10,15 @@ from typing import TYPE_CHECKING
 from urllib.parse import quote, unquote_plus
 
 from sidecar.config.types import Source
+from sidecar.proxy.transports.base import HOP_BY_HOP
 
 if TYPE_CHECKING:
     from sidecar.authn.base import Identity
     from sidecar.proxy.request_view import Headers, RequestView
 
-# RFC 9110 §7.6.1 hop-by-hop fields, and framing the sidecar redoes itself. `expect` is answered by the
-# sidecar's own server (100-continue) and must not be repeated upstream.
-HOP_BY_HOP = frozenset({
-    b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade",
-    b"proxy-authenticate", b"proxy-authorization", b"expect", b"http2-settings",
-})
+# Never sent upstream: the hop-by-hop fields, credentials meant for a proxy (the sidecar is none), and what the
+# sidecar's own server already handled: `expect` is answered by it (100-continue), HTTP/2 upgrades are not made.
+NOT_FORWARDED = HOP_BY_HOP | {b"proxy-authenticate", b"proxy-authorization", b"expect", b"http2-settings"}
 # The forwarding family (normalised names): what proxies tell the backend about the client and the URL it used.
 # Backends believe these (X-Forwarded-Prefix rewrites links, -Port and -Scheme build redirects, X-Real-IP is the
 # client), so none comes from a client: only a trusted proxy's copies pass, and only in the spelling a proxy writes.
@@ -82,7 +80,7 @@ class IdentityHeaders:
         return kind
 
     def _classify(self, name: bytes) -> int:
-        if name in HOP_BY_HOP:
+        if name in NOT_FORWARDED:
             return DROP
         norm = normalised_name(name)
         if norm.startswith(self.prefix) or norm == b"x-request-id":

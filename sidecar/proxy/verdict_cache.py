@@ -149,9 +149,6 @@ class LocalVerdicts:
         while len(self._entries) > self._max:
             self._entries.popitem(last=False)
 
-    def evict(self, key: bytes) -> None:
-        self._entries.pop(key, None)
-
     def resize(self, max_entries: int) -> None:
         self._max = max_entries
         while len(self._entries) > self._max:

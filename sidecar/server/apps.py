@@ -26,22 +26,8 @@ class MainApp:
                 await self.issuer(scope, receive, send)
             else:
                 await self.gateway(scope, receive, send)
-        elif scope["type"] == "lifespan":
-            await _lifespan(self.services, receive, send)
-        else:  # websockets are not proxied
+        else:  # websockets are not proxied (no lifespan scope comes: the runner starts uvicorn with lifespan="off")
             await send({"type": "websocket.close", "code": 1008})
-
-
-async def _lifespan(services: Services, receive: Any, send: Any) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "lifespan.startup":
-            await services.start()
-            await send({"type": "lifespan.startup.complete"})
-        elif message["type"] == "lifespan.shutdown":
-            await services.aclose()
-            await send({"type": "lifespan.shutdown.complete"})
-            return
 
 
 def create_apps(loaded: LoadedConfig, services: Services | None = None) -> tuple[MainApp, Any, Services]:

@@ -5,7 +5,14 @@ uvicorn writes a response's status line and headers, then each body chunk, as se
 each a send(2) on the socket. On loopback a send costs more than everything else the sidecar does for a
 request (bench/). Buffering the writes made during one turn of the loop and sending them together at the end
 of the turn keeps behaviour identical (same bytes, same order, nothing held across turns) with one system call
-where there were two or three."""
+where there were two or three.
+
+This is the one module that reaches into uvicorn's internals (the uvicorn version is capped in pyproject.toml;
+tests/test_dependency_internals.py fails with a clear message when a new uvicorn changes them): uvicorn has no
+public hook for any of the above. Relied on: the class `uvicorn.protocols.http.httptools_impl.HttpToolsProtocol`
+(named by uvicorn's own `http=` setting) with its `connection_made`, `data_received`, `on_message_begin` and
+`on_headers_complete`; its attributes `loop`, `transport`, `url`, `headers`, `cycle` and
+`server_state.default_headers`; and the response cycle's `default_headers`, prepended as `default_headers + headers`."""
 
 from __future__ import annotations
 

@@ -29,8 +29,12 @@ from sidecar.server.apps import create_apps
 log = logging.getLogger("sidecar")
 
 
-class _Server(uvicorn.Server):
-    """A uvicorn server that leaves signals to us (two servers share one process)."""
+class SignalFreeServer(uvicorn.Server):
+    """A uvicorn server that leaves signals to us (two servers share one process; tests run one in a thread).
+
+    uvicorn has no setting for this: `Server.capture_signals` (a context manager around `serve`, uvicorn ≥ 0.29)
+    is undocumented, so it is overridden here only, the uvicorn version is capped in pyproject.toml, and
+    tests/test_dependency_internals.py fails with a clear message if a new uvicorn drops or renames it."""
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -105,7 +109,7 @@ class Serving:
         self.sockets = (main_sock, admin_sock)
         self.graceful = graceful
         self.services: Any = None
-        self._main: _Server | None = None
+        self._main: SignalFreeServer | None = None
         self.started = asyncio.Event()
 
     def stop(self) -> None:
@@ -115,15 +119,14 @@ class Serving:
     async def run(self) -> None:
         main_app, admin, self.services = create_apps(load(self.config_path))
         await self.services.start()
-        main = self._main = _Server(_uvicorn_config(GraceCutoff(main_app), graceful=self.graceful))
-        admin_server = _Server(_uvicorn_config(admin, graceful=1.0))
+        main = self._main = SignalFreeServer(_uvicorn_config(GraceCutoff(main_app), graceful=self.graceful))
+        admin_server = SignalFreeServer(_uvicorn_config(admin, graceful=1.0))
         loop = asyncio.get_running_loop()
         with contextlib.suppress(ValueError, RuntimeError):  # not the main thread: signals are not ours to take
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.stop)
-            reload = getattr(self.services, "reload_from_file", None)
-            if reload is not None:
-                loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(reload()))
+            reload = self.services.reload_from_file
+            loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(reload()))
         admin_task = asyncio.ensure_future(admin_server.serve(sockets=[self.sockets[1]]))
         main_task = asyncio.ensure_future(main.serve(sockets=[self.sockets[0]]))
         while not (main.started and admin_server.started) and not main_task.done():

@@ -137,6 +137,12 @@ class MemoryStore:
     def subscribe(self, callback: Callable[[dict[str, Any]], Awaitable[None] | None]) -> None:
         self._subscribers.append(callback)
 
+    def on_reconnect(self, callback: Callable[[], None]) -> None:
+        """This process's own store never loses its channel, so the callback is never due."""
+
+    def on_health(self, callback: Callable[[RedisHealth], None]) -> None:
+        """There is no Redis to report on: the callback is never due."""
+
     async def start(self) -> None:
         return None
 

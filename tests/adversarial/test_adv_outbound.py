@@ -17,7 +17,6 @@ from adversarial_support import StrictUpstream, assert_error, get, strict_upstre
 from sidecar.config.loader import parse
 from sidecar.config.yaml_lines import ConfigError
 from sidecar.outbound.guard import GuardedBackend, UnsafeDestination, forbidden_reason, literal_address, url_refusal
-from sidecar.outbound.pinned import PrivateAddress, pinned_target
 from sidecar.testing import running_sidecar, serve_in_thread
 
 INTERNAL = [
@@ -82,9 +81,12 @@ def test_a_name_with_one_internal_answer_is_refused_at_connect_time() -> None:
 
 
 def test_validator_pinning_refuses_a_name_resolving_to_loopback() -> None:
-    """`localhost` as a validator host with the guard on: refused before any connection."""
-    with pytest.raises(PrivateAddress):
-        asyncio.run(pinned_target("http://localhost:9/valida_token", False))
+    """`localhost` as a validator host with the guard on: refused before any connection, naming the setting."""
+    async def attempt() -> None:
+        await GuardedBackend(False, what="validator").addresses("localhost", 9, 1.0)
+
+    with pytest.raises(UnsafeDestination, match="allow_private: false"):
+        asyncio.run(attempt())
 
 
 def config_with(authenticator: dict[str, Any] | None = None, webhook: dict[str, Any] | None = None) -> str:
@@ -230,3 +232,5 @@ def test_outbound_client_of_a_running_sidecar_follows_no_redirects(strict_upstre
     with running_sidecar(config) as sc:
         assert sc.services.http.follow_redirects is False
         assert sc.services.http._trust_env is False
+        assert sc.services.http.guarded.follow_redirects is False
+        assert sc.services.http.guarded._trust_env is False

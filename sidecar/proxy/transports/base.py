@@ -15,7 +15,9 @@ from urllib.parse import urlsplit
 Headers = list[tuple[bytes, bytes]]
 Body = bytes | AsyncIterable[bytes] | None
 
-RESPONSE_HOP_BY_HOP = frozenset({
+# The one hop-by-hop set (RFC 9110 §7.6.1, with the legacy Keep-Alive and Proxy-Connection): fields about one
+# connection, never passed on in either direction. sidecar/proxy/upstream_request.py drops a few more on requests.
+HOP_BY_HOP = frozenset({
     b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade",
 })
 

@@ -22,7 +22,7 @@ from typing import Any
 import httptools
 
 from sidecar.errors import UpstreamTimeout, UpstreamUnavailable
-from sidecar.proxy.transports.base import RESPONSE_HOP_BY_HOP, Body, Headers, Upstream
+from sidecar.proxy.transports.base import HOP_BY_HOP, Body, Headers, Upstream
 
 MAX_HEADER_BYTES = 64 * 1024
 MAX_HEADERS = 256
@@ -178,7 +178,7 @@ class Connection(asyncio.Protocol):
         if name == b"transfer-encoding":
             self.until_close = False  # framed by chunks, not by the connection closing
             self._framed = True
-        if name not in RESPONSE_HOP_BY_HOP:
+        if name not in HOP_BY_HOP:
             self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:

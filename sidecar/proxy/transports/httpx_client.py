@@ -9,7 +9,7 @@ import httpx
 
 from sidecar.errors import UpstreamTimeout, UpstreamUnavailable
 from sidecar.outbound.httpx_errors import HttpxErrors
-from sidecar.proxy.transports.base import RESPONSE_HOP_BY_HOP, Body, Headers, Upstream, UpstreamResponse
+from sidecar.proxy.transports.base import HOP_BY_HOP, Body, Headers, Upstream, UpstreamResponse
 
 _SEND_ERRORS = HttpxErrors(UpstreamUnavailable, "the upstream could not be reached",
                            timeout=UpstreamTimeout, timeout_message="the upstream did not answer in time")
@@ -22,7 +22,7 @@ class HttpxResponse:
     def __init__(self, response: httpx.Response) -> None:
         self._response = response
         self.status = response.status_code
-        self.headers = [(k.lower(), v) for k, v in response.headers.raw if k.lower() not in RESPONSE_HOP_BY_HOP]
+        self.headers = [(k.lower(), v) for k, v in response.headers.raw if k.lower() not in HOP_BY_HOP]
 
     async def body(self) -> AsyncIterator[bytes]:
         with _BODY_ERRORS:

@@ -24,7 +24,7 @@ from sidecar.proxy.upstream_request import (
 PLAN = StripPlan.from_sources(parse_source(s) for s in ("header:Authorization", "query:access_token",
                                                         "cookie:session", "body.token"))
 NAMES = IdentityHeaders("X-Auth-")
-ALICE = Identity(subject="alice", method="jwt", client="app-1", scopes=frozenset({"write", "read"}))
+ALICE = Identity(subject="alice", authenticator="jwt", client="app-1", scopes=frozenset({"write", "read"}))
 
 
 def view(headers: Headers, peer: str = "10.0.0.9") -> RequestView:
@@ -109,7 +109,7 @@ def test_identity_headers_are_set() -> None:
 ])
 def test_identity_values_cannot_split_headers(subject: str, sent: bytes) -> None:
     """An identity value with anything outside printable ASCII is percent-encoded (then `%` too)."""
-    headers = forwarded([], Identity(subject=subject, method="jwt"))
+    headers = forwarded([], Identity(subject=subject, authenticator="jwt"))
     assert value(headers, b"X-Auth-Subject") == sent
 
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from sidecar.authn.base import Identity
+from sidecar.authn.base import Credential, Identity
 from sidecar.errors import DependencyUnavailable, Unauthenticated
 from sidecar.proxy.request_view import RequestView
 from sidecar.proxy.verdict_cache import StoreVerdicts, VerdictCache
@@ -34,7 +34,7 @@ class Checker:
         self.delay = delay
         self.calls = 0
 
-    async def verify(self, credential: str, request: RequestView) -> Identity:
+    async def verify(self, credential: Credential, request: RequestView) -> Identity:
         self.calls += 1
         if self.delay:
             await asyncio.sleep(self.delay)
@@ -46,12 +46,12 @@ class Checker:
 def identity(expires_in: float | None = None, expires_at: float | None = None) -> Identity:
     if expires_in is not None:
         expires_at = time.time() + expires_in
-    return Identity(subject="alice", method="checker", expires_at=expires_at)
+    return Identity(subject="alice", authenticator="checker", expires_at=expires_at)
 
 
 async def outcome(cache: VerdictCache, auth: Checker, credential: str = "cred") -> str:
     try:
-        return (await cache.resolve(auth, credential, REQUEST)).subject  # type: ignore[arg-type]
+        return (await cache.resolve(auth, Credential("token", credential), REQUEST)).subject  # type: ignore[arg-type]
     except Unauthenticated as refusal:
         return f"refused: {refusal.detail}"
 
@@ -120,7 +120,7 @@ def test_dependency_failure_is_never_cached() -> None:
         cache, auth = VerdictCache(60.0, 60.0, 100), Checker(DependencyUnavailable("down"))
         for _ in range(2):
             with pytest.raises(DependencyUnavailable):
-                await cache.resolve(auth, "cred", REQUEST)  # type: ignore[arg-type]
+                await cache.resolve(auth, Credential("token", "cred"), REQUEST)  # type: ignore[arg-type]
         return auth.calls
 
     assert asyncio.run(go()) == 2

@@ -18,10 +18,11 @@ def module_name(path: Path) -> str:
     return ".".join(parts)
 
 
-def imports_of(path: Path, modules: set[str]) -> set[str]:
-    """Every sidecar module this file imports, wherever the import statement stands."""
+def imports_of(path: Path, modules: set[str], name: str | None = None) -> set[str]:
+    """Every sidecar module this file (the module `name`, by default the one its path says) imports, wherever
+    the import statement stands."""
     found: set[str] = set()
-    name = module_name(path)
+    name = name or module_name(path)
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
@@ -90,7 +91,7 @@ def test_function_local_and_type_checking_imports_count(tmp_path: Path) -> None:
     source = tmp_path / "m.py"
     source.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from sidecar import errors\n"
                       "def f():\n    from sidecar.proxy import gateway\n")
-    assert imports_of(source, {"sidecar.errors", "sidecar.proxy.gateway", "sidecar.proxy"}) == {
+    assert imports_of(source, {"sidecar.errors", "sidecar.proxy.gateway", "sidecar.proxy"}, "sidecar.m") == {
         "sidecar.errors", "sidecar.proxy.gateway", "sidecar.proxy"}
 
 

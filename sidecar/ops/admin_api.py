@@ -17,7 +17,7 @@ from sidecar.errors import NotFound, Refusal
 from sidecar.issuer.identifier_map import Identifiers, parse_mappings
 
 if TYPE_CHECKING:
-    from sidecar.runtime import Services
+    from sidecar.ops.admin_context import AdminContext
 
 Handler = Callable[[Request], Awaitable[Response]]
 
@@ -37,7 +37,7 @@ async def json_body(request: Request, limit: int = 1024 * 1024) -> Any:
 
 
 class AdminApi:
-    def __init__(self, services: Services) -> None:
+    def __init__(self, services: AdminContext) -> None:
         self.services = services
 
     def guarded(self, action: str, handler: Handler) -> Handler:
@@ -140,7 +140,11 @@ def _tell_siblings_to_reload() -> None:
         os.kill(int(supervisor), signal.SIGHUP)
 
 
-def admin_app(services: Services, extra_routes: list[Route] | None = None) -> Starlette:
+def admin_app(services: AdminContext, extra_routes: list[Route] | None = None) -> Starlette:
+    """The admin port's app. `extra_routes` are other parts' admin handlers (the webhook worker's): each is
+    mounted behind the admin token and audited like the API's own, the route's `name` being the audit action."""
+    api = AdminApi(services)
+
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
@@ -157,12 +161,13 @@ def admin_app(services: Services, extra_routes: list[Route] | None = None) -> St
         Route("/healthz", healthz),
         Route("/readyz", readyz),
         Route("/metrics", metrics),
-        *AdminApi(services).routes(),
-        *(extra_routes or []),
+        *api.routes(),
+        *(Route(route.path, api.guarded(route.name, route.endpoint), methods=route.methods)
+          for route in extra_routes or []),
     ])
 
 
-async def readiness_problems(services: Services) -> list[str]:
+async def readiness_problems(services: AdminContext) -> list[str]:
     problems = []
     if not services.ready:
         problems.append("configuration not loaded")
@@ -175,7 +180,7 @@ async def readiness_problems(services: Services) -> list[str]:
     return problems
 
 
-def admin_token_ok(services: Services, header: str | None) -> bool:
+def admin_token_ok(services: AdminContext, header: str | None) -> bool:
     expected = services.config.admin.token
     if not expected or not header:
         return False

@@ -4,33 +4,46 @@ upstream would receive (identity headers shown as they would be set on success).
 
 from __future__ import annotations
 
-from typing import Any
 from urllib.parse import urlsplit
 
 from sidecar.authn.base import Identity
-from sidecar.config.model import LoadedConfig
+from sidecar.config.model import LoadedConfig, TimeoutsConfig
 from sidecar.errors import Refusal
 from sidecar.proxy.request_view import RequestView, client_address, is_trusted_peer
 from sidecar.proxy.route_plans import Policy
 from sidecar.proxy.routing import normalise_path
-from sidecar.proxy.transports.base import Upstream
+from sidecar.proxy.transports.base import Body, Headers, Upstream, UpstreamResponse
 from sidecar.proxy.upstream_request import build_headers, strip_query, target
 
 
-class _Offline:
-    """Services for explaining: nothing is connected, nothing is sent."""
+class OfflineTransport:
+    """A transport that only says where it would send: `sidecar explain` connects to nothing."""
+
+    def __init__(self, url: str) -> None:
+        self.upstream = Upstream.parse(url)
+
+    async def send(self, method: str, target: bytes, headers: Headers, body: Body) -> UpstreamResponse:
+        raise RuntimeError("sidecar explain sends nothing")
+
+    async def aclose(self) -> None:
+        return None
+
+
+class Offline:
+    """What compiling a policy asks of the runtime (`PolicyContext`, and what the authenticators read when built),
+    with nothing connected and nothing sent."""
 
     http = None
 
-    def transport_for(self, url: str, timeouts: Any = None) -> Any:
-        return type("Offline", (), {"upstream": Upstream.parse(url), "url": url})()
+    def transport_for(self, upstream_url: str, timeouts: TimeoutsConfig | None = None) -> OfflineTransport:
+        return OfflineTransport(upstream_url)
 
-    def issuer_public_keys(self) -> list[Any]:
+    def issuer_public_keys(self) -> list[tuple[str, object]]:
         return []
 
 
 def explain(loaded: LoadedConfig, method: str, url: str, header_lines: list[str], peer: str = "127.0.0.1") -> str:
-    policy = Policy(loaded, _Offline())
+    policy = Policy(loaded, Offline())
     parts = urlsplit(url)
     method = method.upper()
     headers = [(b"host", (parts.netloc or "localhost").encode())]
@@ -79,7 +92,7 @@ def explain(loaded: LoadedConfig, method: str, url: str, header_lines: list[str]
     identity = Identity(subject="<subject>", method=chosen.name, client="<client>", scopes=frozenset({"<scopes>"}))
     forwarded = build_headers(request, identity, plan.strip, policy.identity_headers,
                               trusted_peer=is_trusted_peer(peer, policy.trusted_proxies))
-    upstream = plan.transport.url  # type: ignore[attr-defined]
+    upstream = plan.config.upstream or loaded.config.upstream
     query = strip_query(request.query_string, plan.strip.query)
     out.append(f"upstream request ({upstream}):")
     out.append(f"  {method} {target(plan.base_path, path, query).decode('latin-1')} HTTP/1.1")

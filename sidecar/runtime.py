@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from sidecar.authn.jwks import JwksKeys
@@ -28,6 +29,7 @@ from sidecar.webhooks.worker import Webhooks
 
 if TYPE_CHECKING:
     from sidecar.authn.base import Identity
+    from sidecar.config.clients import ClientConfig
     from sidecar.config.model import Config, LoadedConfig, TimeoutsConfig
 
 log = logging.getLogger("sidecar")
@@ -49,7 +51,7 @@ def _issuer_prefix(config: Config) -> str:
 
 # What is built once, at start, from these keys; a reload that changes one is refused as a whole (the running
 # configuration stays in force) with a message naming the key: the operator restarts instead.
-RESTART_KEYS: tuple[tuple[str, str, Any], ...] = (
+RESTART_KEYS: tuple[tuple[str, str, Callable[[Config], object]], ...] = (
     ("redis", "the Redis connection is made once, at start",
      lambda config: config.redis),
     ("issuer.signing_key", "the signing keys are loaded once, at start",
@@ -91,7 +93,7 @@ class Services:
         self.store.on_reconnect(self._forget_revocable_verdicts)
         self.store.on_health(self.metrics.redis_health)
         self._background: list[asyncio.Task[None]] = []
-        self._identity_tokens: dict[tuple[Any, ...], tuple[str, float]] = {}
+        self._identity_tokens: dict[tuple[str, str | None, frozenset[str], str], tuple[str, float]] = {}
 
     def _on_store_message(self, message: dict[str, Any]) -> None:
         if message.get("type") == "token_revoked":
@@ -112,8 +114,12 @@ class Services:
         self.cache.local.evict_where(lambda v: getattr(v, "authenticator", None) in revocable)
 
     @property
-    def config(self) -> Any:
+    def config(self) -> Config:
         return self.policy.config
+
+    @property
+    def clients(self) -> Mapping[str, ClientConfig]:
+        return self.policy.clients
 
     def transport_for(self, upstream_url: str, timeouts: TimeoutsConfig | None = None) -> Transport:
         """The transport for this upstream with these timeouts (the policy being built passes its own: a reload
@@ -191,7 +197,7 @@ class Services:
     async def _flush_metrics(self) -> None:
         self.metrics.flush()
 
-    async def _every(self, seconds: float, job: Any) -> None:
+    async def _every(self, seconds: float, job: Callable[[], Awaitable[None]]) -> None:
         while True:
             await asyncio.sleep(seconds)
             with contextlib.suppress(Exception):
@@ -273,7 +279,7 @@ class Services:
                 await self.reload_from_file("file changed")
 
 
-def _file_stamp(path: str) -> tuple[Any, ...] | None:
+def _file_stamp(path: str) -> tuple[str, int, int, int] | None:
     import os
 
     try:

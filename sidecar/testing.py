@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jwt
 import uvicorn
@@ -22,6 +22,10 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from sidecar.echo import EchoApp, Received
 from sidecar.issuer.signing_keys import public_jwk
 from sidecar.server.runner import SignalFreeServer
+
+if TYPE_CHECKING:
+    from sidecar.runtime import Services
+    from sidecar.server.runner import Serving
 
 __all__ = ["KeyPair", "Received", "RecordingUpstream", "RunningSidecar", "SidecarProcess", "delete_sidecar_keys",
            "free_port", "recording_upstream", "redis_url_for_tests", "running_sidecar", "serve_in_thread"]
@@ -122,14 +126,15 @@ def recording_upstream(port: int | None = None) -> Iterator[RecordingUpstream]:
 
 
 class RunningSidecar:
-    def __init__(self, url: str, admin_url: str, serving: Any, config_path: Path) -> None:
+    def __init__(self, url: str, admin_url: str, serving: Serving, config_path: Path) -> None:
         self.url = url
         self.admin_url = admin_url
         self.serving = serving
         self.config_path = config_path
 
     @property
-    def services(self) -> Any:
+    def services(self) -> Services:
+        assert self.serving.services is not None  # set before the sidecar answers
         return self.serving.services
 
 

@@ -18,9 +18,11 @@ def module_name(path: Path) -> str:
     return ".".join(parts)
 
 
-def imports_of(path: Path, name: str, modules: set[str]) -> set[str]:
-    """Every sidecar module the module `name` (in file `path`) imports, wherever the import statement stands."""
+def imports_of(path: Path, modules: set[str], name: str | None = None) -> set[str]:
+    """Every sidecar module this file (the module `name`, by default the one its path says) imports, wherever
+    the import statement stands."""
     found: set[str] = set()
+    name = name or module_name(path)
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
@@ -42,7 +44,7 @@ def import_graph() -> dict[str, set[str]]:
     """Module -> the package modules it imports; importing `a.b.c` also runs `a` and `a.b` first."""
     files = {module_name(p): p for p in PACKAGE.rglob("*.py")}
     modules = set(files)
-    graph = {name: imports_of(path, name, modules) - {name} for name, path in files.items()}
+    graph = {name: imports_of(path, modules) - {name} for name, path in files.items()}
     for name in modules:
         parts = name.split(".")
         graph[name] |= {".".join(parts[:i]) for i in range(1, len(parts))} & modules
@@ -89,7 +91,7 @@ def test_function_local_and_type_checking_imports_count(tmp_path: Path) -> None:
     source = tmp_path / "m.py"
     source.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from sidecar import errors\n"
                       "def f():\n    from sidecar.proxy import gateway\n")
-    assert imports_of(source, "sidecar.m", {"sidecar.errors", "sidecar.proxy.gateway", "sidecar.proxy"}) == {
+    assert imports_of(source, {"sidecar.errors", "sidecar.proxy.gateway", "sidecar.proxy"}, "sidecar.m") == {
         "sidecar.errors", "sidecar.proxy.gateway", "sidecar.proxy"}
 
 

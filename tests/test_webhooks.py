@@ -21,6 +21,7 @@ import pytest
 import redis
 from redis_support import redis_url  # noqa: F401  (fixture)
 from standardwebhooks import Webhook, WebhookVerificationError
+from test_jwt_routes import captured_audit
 
 from sidecar.state.client_token_store import new_token, token_hash
 from sidecar.testing import SidecarProcess, running_sidecar, serve_in_thread
@@ -216,6 +217,21 @@ def test_failed_delivery_is_listed_then_retried_by_hand(receiver, upstream_url, 
         assert (missing.status_code, missing.json()["error"]) == (404, "not_found")
         bad = httpx.get(sc.admin_url + "/admin/webhooks/deliveries?status=lost", headers=ADMIN_HEADERS)
         assert (bad.status_code, bad.json()["error"]) == (400, "invalid_request")
+
+
+def test_webhook_admin_calls_are_audited_as_admin_actions(receiver, upstream_url):
+    """The deliveries' admin routes sit behind the admin token, each call an admin audit line naming its action."""
+    with running_sidecar(config(upstream_url, None, url=receiver.url)) as sc, captured_audit(sc) as buffer:
+        assert deliveries(sc.admin_url) == []
+        retry = httpx.post(f"{sc.admin_url}/admin/webhooks/deliveries/msg_nope/retry")
+        assert (retry.status_code, retry.json()["error"]) == (401, "invalid_token")
+
+        def admin_lines() -> list[tuple[str, str, int]]:
+            lines = [json.loads(line) for line in buffer.getvalue().splitlines() if line.strip()]
+            return [(line["action"], line["method"], line["status"]) for line in lines if line["kind"] == "admin"]
+
+        assert wait_for(lambda: len(admin_lines()) == 2)
+        assert admin_lines() == [("webhooks.deliveries", "GET", 200), ("webhooks.retry", "POST", 401)]
 
 
 def test_slow_receiver_never_holds_up_the_proxy(receiver, upstream_url, redis_url):  # noqa: F811

@@ -10,21 +10,21 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 
+from sidecar.issuer.key_endpoint import key_routes
+from sidecar.issuer.token_endpoint import token_routes
+
 if TYPE_CHECKING:
-    from sidecar.runtime import Services
+    from sidecar.issuer.context import IssuerContext
 
 DEFAULT_PREFIX = "/_sidecar"
 
 
-def issuer_prefix(services: Services) -> str:
+def issuer_prefix(services: IssuerContext) -> str:
     issuer = services.config.issuer
     return (issuer.prefix if issuer else DEFAULT_PREFIX).rstrip("/")
 
 
-def issuer_app(services: Services) -> Starlette:
-    from sidecar.issuer.key_endpoint import key_routes
-    from sidecar.issuer.token_endpoint import token_routes
-
+def issuer_app(services: IssuerContext) -> Starlette:
     async def jwks(request: Request) -> Response:
         return JSONResponse(services.signing.jwks(), headers={"Cache-Control": "public, max-age=300"})
 

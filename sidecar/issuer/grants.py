@@ -20,17 +20,17 @@ from sidecar.state.client_token_store import token_hash
 
 if TYPE_CHECKING:
     from sidecar.config.clients import ClientConfig
-    from sidecar.runtime import Services
+    from sidecar.issuer.context import IssuerContext
 
 Params = dict[str, str]
 Credentials = tuple[str, str] | None
-Grant = Callable[["Services", Params, Credentials], Awaitable[dict[str, Any]]]
+Grant = Callable[["IssuerContext", Params, Credentials], Awaitable[dict[str, Any]]]
 
 
-def authenticate_client(services: Services, credentials: Credentials) -> ClientConfig:
+def authenticate_client(services: IssuerContext, credentials: Credentials) -> ClientConfig:
     if credentials is None:
         raise OAuthError.invalid_client("client authentication is required: HTTP Basic with client_id:client_secret")
-    client = verify_client_secret(services.policy.clients, *credentials)
+    client = verify_client_secret(services.clients, *credentials)
     if client is None:
         raise OAuthError.invalid_client()
     return client
@@ -53,9 +53,11 @@ def required(params: Params, *names: str) -> list[str]:
     return [params[name] for name in names]
 
 
-def access_token_reply(services: Services, subject: str, client: ClientConfig, scopes: list[str]) -> dict[str, Any]:
+def access_token_reply(services: IssuerContext, subject: str, client: ClientConfig,
+                       scopes: list[str]) -> dict[str, Any]:
     """RFC 6749 §5.1; the access token is a JWT signed by the issuer key (RFC 9068 claims)."""
     issuer = services.config.issuer
+    assert issuer is not None  # the token endpoint answers 404 without issuer.signing_key
     scope = " ".join(scopes)
     claims: dict[str, Any] = {"sub": subject, "client_id": client.id, "scope": scope}
     if issuer.audience:
@@ -65,14 +67,16 @@ def access_token_reply(services: Services, subject: str, client: ClientConfig, s
     return {"access_token": token, "token_type": "Bearer", "expires_in": ttl, "scope": scope}
 
 
-async def client_credentials_grant(services: Services, params: Params, credentials: Credentials) -> dict[str, Any]:
+async def client_credentials_grant(services: IssuerContext, params: Params, credentials: Credentials) -> dict[str, Any]:
     client = authenticate_client(services, credentials)
     scopes = granted_scopes(client, params.get("scope"))
     return access_token_reply(services, client.id, client, scopes)
 
 
-async def password_grant(services: Services, params: Params, credentials: Credentials) -> dict[str, Any]:
-    service = services.config.issuer.credentials
+async def password_grant(services: IssuerContext, params: Params, credentials: Credentials) -> dict[str, Any]:
+    issuer = services.config.issuer
+    assert issuer is not None  # the token endpoint answers 404 without issuer.signing_key
+    service = issuer.credentials
     if service is None:
         raise OAuthError("unsupported_grant_type", "the password grant is not enabled (issuer.credentials is not set)")
     client = authenticate_client(services, credentials)
@@ -84,7 +88,7 @@ async def password_grant(services: Services, params: Params, credentials: Creden
     return access_token_reply(services, result.subject or username, client, scopes)
 
 
-async def custom_sso_grant(services: Services, params: Params, credentials: Credentials) -> dict[str, Any]:
+async def custom_sso_grant(services: IssuerContext, params: Params, credentials: Credentials) -> dict[str, Any]:
     """Seed 002: the client proves itself twice (its secret and its access token as `customer_token`) and
     names a user by its own identifier, mapped to a login through `POST /admin/identifiers`."""
     client = authenticate_client(services, credentials)

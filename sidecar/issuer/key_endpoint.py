@@ -35,7 +35,7 @@ from sidecar.request_body import read_limited
 from sidecar.state.client_token_store import token_hash
 
 if TYPE_CHECKING:
-    from sidecar.runtime import Services
+    from sidecar.issuer.context import IssuerContext
 
 __all__ = ["key_claims", "key_routes"]
 
@@ -53,12 +53,12 @@ def _unauthorised(description: str) -> OAuthError:
     return OAuthError.invalid_client(description)
 
 
-def key_routes(services: Services) -> list[Route]:
+def key_routes(services: IssuerContext) -> list[Route]:
     return [Route("/keys", KeyEndpoint(services).handle, methods=["POST"])]
 
 
 class KeyEndpoint:
-    def __init__(self, services: Services) -> None:
+    def __init__(self, services: IssuerContext) -> None:
         self.services = services
 
     async def handle(self, request: Request) -> Response:
@@ -112,7 +112,7 @@ class KeyEndpoint:
         token = (tokens[0] if tokens else "").strip() or (value.strip() if scheme.lower() == "bearer" else "")
         if token:
             found = await self.services.client_tokens.lookup(token_hash(token))
-            if found is None or found[0] not in self.services.policy.clients:
+            if found is None or found[0] not in self.services.clients:
                 raise _unauthorised("unknown or revoked client token")
             return found[0]
         if scheme.lower() == "basic":
@@ -123,7 +123,7 @@ class KeyEndpoint:
         decoded = decode_basic(value)
         if decoded is None:
             raise _unauthorised("the Basic credentials are not valid base64 of client_id:client_secret")
-        client = verify_client_secret(self.services.policy.clients, *decoded)
+        client = verify_client_secret(self.services.clients, *decoded)
         if client is None:
             raise _unauthorised("unknown client or wrong client secret")
         return client.id

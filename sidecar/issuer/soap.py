@@ -95,7 +95,7 @@ class _Reader:
         self.entries[key] = value.strip()
 
 
-def _forbidden(*args: Any) -> None:
+def _forbidden(*args: Any) -> int:  # typed as expat's handlers are; it never returns
     raise SoapError("document type declarations and entities are not accepted")
 
 

@@ -14,12 +14,12 @@ from sidecar.errors import OAuthError
 from sidecar.issuer.key_endpoint import key_claims
 
 if TYPE_CHECKING:
-    from sidecar.runtime import Services
+    from sidecar.issuer.context import IssuerContext
 
 SSO_KEY_MINUTES = 5
 
 
-async def issue_sso_key(services: Services, client_id: str, user: str) -> str:
+async def issue_sso_key(services: IssuerContext, client_id: str, user: str) -> str:
     """The key, or ValueError when the user login cannot be put in one (the key endpoint's own rules)."""
     fields = {"user": user, "expiry_minutes": SSO_KEY_MINUTES, "single_use": True}
     try:

@@ -22,14 +22,14 @@ from sidecar.issuer.grants import GRANTS
 from sidecar.request_body import read_limited
 
 if TYPE_CHECKING:
-    from sidecar.runtime import Services
+    from sidecar.issuer.context import IssuerContext
 
 MAX_BODY = 64 * 1024
 NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 
 
 class TokenEndpoint:
-    def __init__(self, services: Services) -> None:
+    def __init__(self, services: IssuerContext) -> None:
         self.services = services
 
     async def handle(self, request: Request) -> Response:
@@ -56,7 +56,7 @@ class TokenEndpoint:
         return response
 
 
-def token_routes(services: Services) -> list[Route]:
+def token_routes(services: IssuerContext) -> list[Route]:
     return [Route("/oauth2/token", TokenEndpoint(services).handle, methods=["POST"])]
 
 

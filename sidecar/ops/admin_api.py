@@ -18,7 +18,7 @@ from sidecar.issuer.identifier_map import Identifiers, parse_mappings
 from sidecar.request_body import read_limited
 
 if TYPE_CHECKING:
-    from sidecar.runtime import Services
+    from sidecar.ops.admin_context import AdminContext
 
 Handler = Callable[[Request], Awaitable[Response]]
 
@@ -38,7 +38,7 @@ async def json_body(request: Request, limit: int = 1024 * 1024) -> Any:
 
 
 class AdminApi:
-    def __init__(self, services: Services) -> None:
+    def __init__(self, services: AdminContext) -> None:
         self.services = services
 
     def guarded(self, action: str, handler: Handler) -> Handler:
@@ -141,7 +141,11 @@ def _tell_siblings_to_reload() -> None:
         os.kill(int(supervisor), signal.SIGHUP)
 
 
-def admin_app(services: Services, extra_routes: list[Route] | None = None) -> Starlette:
+def admin_app(services: AdminContext, extra_routes: list[Route] | None = None) -> Starlette:
+    """The admin port's app. `extra_routes` are other parts' admin handlers (the webhook worker's): each is
+    mounted behind the admin token and audited like the API's own, the route's `name` being the audit action."""
+    api = AdminApi(services)
+
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
@@ -160,12 +164,13 @@ def admin_app(services: Services, extra_routes: list[Route] | None = None) -> St
         Route("/healthz", healthz),
         Route("/readyz", readyz),
         Route("/metrics", metrics),
-        *AdminApi(services).routes(),
-        *(extra_routes or []),
+        *api.routes(),
+        *(Route(route.path, api.guarded(route.name, route.endpoint), methods=route.methods)
+          for route in extra_routes or []),
     ])
 
 
-async def readiness_problems(services: Services) -> list[str]:
+async def readiness_problems(services: AdminContext) -> list[str]:
     problems = []
     for name, auth in services.policy.authenticators.items():
         jwks = auth.key_set
@@ -179,7 +184,7 @@ _NEEDS_REDIS = {"client_token": "client tokens", "client_jwt": "client JWTs (reg
                 "ip_key": "single-use keys"}
 
 
-def redis_report(services: Services) -> dict[str, Any] | None:
+def redis_report(services: AdminContext) -> dict[str, Any] | None:
     """Redis's state for /readyz's body. Redis trouble does not make the process not ready — every replica
     shares the one Redis, so failing readiness on it would take them all out of service at once (a partial
     outage made total); what needs Redis answers 503 per request instead, and this says which, since when."""
@@ -201,7 +206,7 @@ def redis_report(services: Services) -> dict[str, Any] | None:
     return report
 
 
-def admin_token_ok(services: Services, header: str | None) -> bool:
+def admin_token_ok(services: AdminContext, header: str | None) -> bool:
     expected = services.config.admin.token
     if not expected or not header:
         return False

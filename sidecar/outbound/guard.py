@@ -144,6 +144,7 @@ def url_refusal(url: str, allow_private: bool = False, what: str = "webhook") ->
     if allow_private:
         return None
     host = parts.hostname.removesuffix(".")  # `localhost.` is the same name, fully qualified
+    reason: str | None
     if host == "localhost" or host.endswith(".localhost"):  # RFC 6761 §6.3: always loopback
         reason, address = "loopback", host
     else:

@@ -9,32 +9,62 @@ from urllib.parse import urlsplit
 
 from sidecar.authn.base import Identity
 from sidecar.authn.jwks import JwksKeys
-from sidecar.config.model import LoadedConfig
+from sidecar.config.model import LoadedConfig, TimeoutsConfig
 from sidecar.errors import Refusal
+from sidecar.outbound.guard import ServiceClient
 from sidecar.proxy.request_view import RequestView, client_address, is_trusted_peer
 from sidecar.proxy.route_plans import Policy
 from sidecar.proxy.routing import normalise_path
-from sidecar.proxy.transports.base import Upstream
+from sidecar.proxy.transports.base import Body, Headers, Upstream, UpstreamResponse
 from sidecar.proxy.upstream_request import build_headers, strip_query, target
+from sidecar.state.client_public_keys import ClientKeys
+from sidecar.state.client_token_store import ClientTokens
+from sidecar.state.store import MemoryStore
 
 
-class _Offline:
-    """Services for explaining: nothing is connected, nothing is sent."""
+class OfflineTransport:
+    """A transport that only says where it would send: `sidecar explain` connects to nothing."""
 
-    http = None
+    def __init__(self, url: str) -> None:
+        self.upstream = Upstream.parse(url)
 
-    def transport_for(self, url: str, timeouts: Any = None) -> Any:
-        return type("Offline", (), {"upstream": Upstream.parse(url), "url": url})()
+    async def send(self, method: str, target: bytes, headers: Headers, body: Body) -> UpstreamResponse:
+        raise RuntimeError("sidecar explain sends nothing")
 
-    def issuer_public_keys(self) -> list[Any]:
+    async def aclose(self) -> None:
+        return None
+
+
+class Offline:
+    """The runtime `sidecar explain` compiles a policy with (`PolicyContext`): in-memory state, transports that
+    connect to nothing, an HTTP client that is never used. Nothing is connected and nothing is sent."""
+
+    def __init__(self, loaded: LoadedConfig) -> None:
+        self.config = loaded.config
+        self.store = MemoryStore()
+        self.client_tokens = ClientTokens(self.store, loaded.config.clients)
+        self.client_keys = ClientKeys(self.store)
+        self.http = ServiceClient()  # opens nothing until a request is sent, and explain sends none
+        self.compiled: Policy | None = None  # set once compiled: authenticators read it only when verifying
+
+    @property
+    def policy(self) -> Policy:
+        assert self.compiled is not None, "the policy is read only after it is compiled"
+        return self.compiled
+
+    def transport_for(self, upstream_url: str, timeouts: TimeoutsConfig | None = None) -> OfflineTransport:
+        return OfflineTransport(upstream_url)
+
+    def issuer_public_keys(self) -> list[tuple[str, Any]]:
         return []
 
     def jwks_for(self, url: str) -> JwksKeys:
-        return JwksKeys(url, self.http)  # type: ignore[arg-type]  # never fetched: explain verifies nothing
+        return JwksKeys(url, self.http)  # never fetched: explain verifies nothing
 
 
 def explain(loaded: LoadedConfig, method: str, url: str, header_lines: list[str], peer: str = "127.0.0.1") -> str:
-    policy = Policy(loaded, _Offline())
+    offline = Offline(loaded)
+    policy = offline.compiled = Policy(loaded, offline)
     parts = urlsplit(url)
     method = method.upper()
     headers = [(b"host", (parts.netloc or "localhost").encode())]
@@ -84,7 +114,7 @@ def explain(loaded: LoadedConfig, method: str, url: str, header_lines: list[str]
                         scopes=frozenset({"<scopes>"}))
     forwarded = build_headers(request, identity, plan.strip, policy.identity_headers,
                               trusted_peer=is_trusted_peer(peer, policy.trusted_proxies))
-    upstream = plan.transport.url  # type: ignore[attr-defined]
+    upstream = plan.config.upstream or loaded.config.upstream
     query = strip_query(request.query_string, plan.strip.query)
     out.append(f"upstream request ({upstream}):")
     out.append(f"  {method} {target(plan.base_path, path, query).decode('latin-1')} HTTP/1.1")

@@ -31,8 +31,8 @@ from sidecar.proxy.upstream_request import build_headers, strip_body, strip_quer
 
 if TYPE_CHECKING:
     from sidecar.authn.base import Authenticator, Identity
+    from sidecar.proxy.context import GatewayContext
     from sidecar.proxy.route_plans import Policy, RoutePlan
-    from sidecar.runtime import Services
 
 _REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
 MAX_HEADER_BYTES = 64 * 1024
@@ -91,7 +91,7 @@ class Exchange:
 
 
 class Gateway:
-    def __init__(self, services: Services) -> None:
+    def __init__(self, services: GatewayContext) -> None:
         self.services = services
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:

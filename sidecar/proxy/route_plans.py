@@ -6,8 +6,9 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Protocol
 
+from sidecar.authn.base import AuthnContext
 from sidecar.authn.registry import REGISTRY
 from sidecar.proxy.routing import CompiledRoute, RouteTable
 from sidecar.proxy.upstream_request import IdentityHeaders, StripPlan
@@ -15,7 +16,7 @@ from sidecar.proxy.upstream_request import IdentityHeaders, StripPlan
 if TYPE_CHECKING:
     from sidecar.authn.base import Authenticator
     from sidecar.config.clients import ClientConfig
-    from sidecar.config.model import LoadedConfig, RouteConfig
+    from sidecar.config.model import LoadedConfig, RouteConfig, TimeoutsConfig
     from sidecar.proxy.transports.base import Transport
 
 
@@ -31,8 +32,15 @@ class RoutePlan:
     base_path: str
 
 
+class PolicyContext(AuthnContext, Protocol):
+    """What compiling a policy needs: a transport per upstream (the runtime's pools, sidecar/runtime.py; nothing
+    connected for `sidecar explain`). It is handed on to the authenticators' builders too."""
+
+    def transport_for(self, upstream_url: str, timeouts: TimeoutsConfig | None = None) -> Transport: ...
+
+
 class Policy:
-    def __init__(self, loaded: LoadedConfig, services: Any) -> None:
+    def __init__(self, loaded: LoadedConfig, services: PolicyContext) -> None:
         config = loaded.config
         self.loaded = loaded
         self.config = config

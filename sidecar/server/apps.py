@@ -10,6 +10,7 @@ from sidecar.issuer.endpoints import issuer_app, issuer_prefix
 from sidecar.ops.admin_api import admin_app
 from sidecar.proxy.gateway import Gateway
 from sidecar.runtime import Services
+from sidecar.webhooks.admin_routes import admin_routes as webhook_admin_routes
 
 
 class MainApp:
@@ -32,4 +33,4 @@ class MainApp:
 
 def create_apps(loaded: LoadedConfig, services: Services | None = None) -> tuple[MainApp, Any, Services]:
     services = services or Services(loaded)
-    return MainApp(services), admin_app(services, services.webhooks.admin_routes()), services
+    return MainApp(services), admin_app(services, webhook_admin_routes(services.webhooks)), services

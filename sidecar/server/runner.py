@@ -18,13 +18,16 @@ import socket
 import sys
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
 from sidecar.config.loader import load
 from sidecar.errors import ShuttingDown
 from sidecar.server.apps import create_apps
+
+if TYPE_CHECKING:
+    from sidecar.runtime import Services
 
 log = logging.getLogger("sidecar")
 
@@ -108,7 +111,7 @@ class Serving:
         self.config_path = config_path
         self.sockets = (main_sock, admin_sock)
         self.graceful = graceful
-        self.services: Any = None
+        self.services: Services | None = None
         self._main: SignalFreeServer | None = None
         self.started = asyncio.Event()
 
@@ -117,15 +120,16 @@ class Serving:
             self._main.should_exit = True
 
     async def run(self) -> None:
-        main_app, admin, self.services = create_apps(load(self.config_path))
-        await self.services.start()
+        main_app, admin, services = create_apps(load(self.config_path))
+        self.services = services
+        await services.start()
         main = self._main = SignalFreeServer(_uvicorn_config(GraceCutoff(main_app), graceful=self.graceful))
         admin_server = SignalFreeServer(_uvicorn_config(admin, graceful=1.0))
         loop = asyncio.get_running_loop()
         with contextlib.suppress(ValueError, RuntimeError):  # not the main thread: signals are not ours to take
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.stop)
-            reload = self.services.reload_from_file
+            reload = services.reload_from_file
             loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(reload()))
         admin_task = asyncio.ensure_future(admin_server.serve(sockets=[self.sockets[1]]))
         main_task = asyncio.ensure_future(main.serve(sockets=[self.sockets[0]]))
@@ -137,7 +141,7 @@ class Serving:
         finally:
             admin_server.should_exit = True
             await admin_task
-            await self.services.aclose()
+            await services.aclose()
 
 
 def _run_worker(config_path: str, main_sock: socket.socket, admin_sock: socket.socket, graceful: float) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import random
@@ -27,20 +28,14 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 from standardwebhooks import Webhook as StandardWebhook
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
-from sidecar.errors import BadRequest, Conflict, NotFound
-from sidecar.ops.admin_api import AdminApi
 from sidecar.outbound.guard import UnsafeDestination, delivery_client
-from sidecar.state.store import failing_closed
-from sidecar.webhooks.queue import STATUSES, Delivery, DeliveryQueue, MemoryQueue, Ticket, iso8601
+from sidecar.webhooks.queue import Delivery, DeliveryQueue, MemoryQueue, Ticket, iso8601
 from sidecar.webhooks.redis_queue import LEASE, RedisQueue
 
 if TYPE_CHECKING:
     from sidecar.config.model import RetryConfig, WebhookConfig
-    from sidecar.runtime import Services
+    from sidecar.webhooks.context import WebhookContext
 
 log = logging.getLogger("sidecar.webhooks.worker")
 
@@ -78,9 +73,9 @@ def backoff(retry: RetryConfig, attempts: int) -> float:
 
 
 class Webhooks:
-    def __init__(self, services: Services) -> None:
-        self.services = services
-        redis = getattr(services.store, "redis", None)
+    def __init__(self, context: WebhookContext) -> None:
+        self.context = context
+        redis = getattr(context.store, "redis", None)
         self.queue: DeliveryQueue = RedisQueue(redis) if redis is not None else MemoryQueue()
         self._running = False
         self._closed = False  # after aclose, a late event is queued but no worker starts here
@@ -88,19 +83,19 @@ class Webhooks:
         self._inflight: dict[Ticket, asyncio.Task[None]] = {}
         self._room = asyncio.Event()
         self._due_changed = asyncio.Event()
-        self._disabled: dict[str, object] = {}  # webhook id -> the policy in force when it answered 410
-        self._routing: tuple[object, dict[str, list[WebhookConfig]]] = (None, {})  # policy, event -> webhooks
+        self._disabled: dict[str, object] = {}  # webhook id -> the configuration in force when it answered 410
+        self._routing: tuple[object, dict[str, list[WebhookConfig]]] = (None, {})  # configuration, event -> webhooks
         self._clients: dict[bool, httpx.AsyncClient] = {}
 
     # -- events in --------------------------------------------------------------------------------------------
 
     def targets(self, event: str) -> list[WebhookConfig]:
-        policy = self.services.policy
-        if self._routing[0] is not policy:  # a reload: subscriptions (and 410s) start afresh
-            self._routing = (policy, {})
+        config = self.context.config
+        if self._routing[0] is not config:  # a reload: subscriptions (and 410s) start afresh
+            self._routing = (config, {})
         found = self._routing[1].get(event)
         if found is None:
-            found = self._routing[1][event] = [w for w in policy.config.webhooks
+            found = self._routing[1][event] = [w for w in config.webhooks
                                                if subscribed(w, event) and not self.disabled(w.id)]
         return found
 
@@ -118,14 +113,14 @@ class Webhooks:
         await self.start()
 
     def disabled(self, webhook_id: str) -> bool:
-        """A 410 Gone stops deliveries to that webhook until the configuration is reloaded (a new policy)."""
-        return self._disabled.get(webhook_id) is self.services.policy
+        """A 410 Gone stops deliveries to that webhook until the configuration is reloaded."""
+        return self._disabled.get(webhook_id) is self.context.config
 
     # -- lifecycle --------------------------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Start the worker — at start-up when webhooks are configured, else with the first event queued."""
-        if self._running or self._closed or not self.services.policy.config.webhooks:
+        if self._running or self._closed or not self.context.config.webhooks:
             return
         self._running = True
         self._clients = {private: delivery_client(private, WORKERS) for private in (False, True)}
@@ -170,7 +165,7 @@ class Webhooks:
                 for ticket in await self.queue.read(room, block=1.0):
                     if ticket not in self._inflight:
                         task = self._inflight[ticket] = asyncio.ensure_future(self._deliver(ticket))
-                        task.add_done_callback(lambda _, t=ticket: self._finished(t))
+                        task.add_done_callback(functools.partial(self._finished_task, ticket))
             except Exception as exc:
                 log.warning("webhook queue unavailable (%s); trying again in 1 s", exc)
                 await asyncio.sleep(1.0)
@@ -178,6 +173,9 @@ class Webhooks:
     def _finished(self, ticket: Ticket) -> None:
         self._inflight.pop(ticket, None)
         self._room.set()
+
+    def _finished_task(self, ticket: Ticket, _task: asyncio.Future[None]) -> None:
+        self._finished(ticket)
 
     async def _promote(self) -> None:
         """Move retries that are due back to the queue; sleep until the next one (or IDLE_POLL)."""
@@ -204,7 +202,7 @@ class Webhooks:
             delivery = await self.queue.begin(ticket)
             if delivery is None:  # already finished (a duplicate entry), or its record is gone
                 return
-            webhook = {w.id: w for w in self.services.policy.config.webhooks}.get(delivery.webhook)
+            webhook = {w.id: w for w in self.context.config.webhooks}.get(delivery.webhook)
             if webhook is None:
                 await self._settle(ticket, delivery, "failed", f"webhook {delivery.webhook!r} is no longer configured")
             elif self.disabled(webhook.id):
@@ -219,7 +217,7 @@ class Webhooks:
         if verdict == "delivered":
             await self._settle(ticket, delivery, "delivered", "", outcome="delivered")
         elif verdict == "gone":
-            self._disabled[webhook.id] = self.services.policy
+            self._disabled[webhook.id] = self.context.config
             self._routing = (None, {})
             log.warning("webhook %s answered 410 Gone: no more deliveries to it until the configuration is "
                         "reloaded", webhook.id)
@@ -227,19 +225,19 @@ class Webhooks:
         elif verdict == "refused":
             await self._settle(ticket, delivery, "failed", error, outcome="failed")
         else:
-            retry = webhook.retry or self.services.policy.config.webhook_retry
+            retry = webhook.retry or self.context.config.webhook_retry
             if delivery.attempts >= retry.max_attempts:
                 await self._settle(ticket, delivery, "failed", f"{error} (gave up after {delivery.attempts} attempts)",
                                    outcome="failed")
             else:
                 await self.queue.schedule(ticket, delivery, time.time() + backoff(retry, delivery.attempts), error)
-                self.services.metrics.webhooks.labels("retry").inc()
+                self.context.metrics.webhooks.labels("retry").inc()
                 self._due_changed.set()
 
     async def _settle(self, ticket: Ticket, delivery: Delivery, status: str, error: str,
                       outcome: str = "failed") -> None:
         await self.queue.settle(ticket, delivery, status, error)
-        self.services.metrics.webhooks.labels(outcome).inc()
+        self.context.metrics.webhooks.labels(outcome).inc()
 
     async def _attempt(self, webhook: WebhookConfig, delivery: Delivery) -> tuple[str, str]:
         """One POST: ("delivered" | "gone" | "refused" | "retry", what went wrong)."""
@@ -271,46 +269,12 @@ class Webhooks:
             return "retry", f"HTTP {status} (redirects are not followed)"
         return "retry", f"HTTP {status}"
 
-    # -- admin API (SPEC §7) ----------------------------------------------------------------------------------
+    # -- what the admin API (sidecar/webhooks/admin_routes.py) asks -----------------------------------------
 
-    def admin_routes(self) -> list[Route]:
-        guarded = AdminApi(self.services).guarded
-        return [
-            Route("/admin/webhooks/deliveries", guarded("webhooks.deliveries", self._list), methods=["GET"]),
-            Route("/admin/webhooks/deliveries/{delivery_id}/retry", guarded("webhooks.retry", self._retry),
-                  methods=["POST"]),
-        ]
-
-    async def _list(self, request: Request) -> Response:
-        status = request.query_params.get("status") or None
-        if status is not None and status not in STATUSES:
-            raise BadRequest(f"status must be one of {', '.join(STATUSES)}")
-        try:
-            limit = int(request.query_params.get("limit", "100"))
-        except ValueError:
-            raise BadRequest("limit must be a number from 1 to 1000") from None
-        if not 1 <= limit <= 1000:
-            raise BadRequest("limit must be a number from 1 to 1000")
-        async with failing_closed():
-            deliveries = await self.queue.listing(status, limit)
-        return JSONResponse({"deliveries": [d.summary() for d in deliveries]})
-
-    async def _retry(self, request: Request) -> Response:
-        """Queue a failed delivery again, its attempts counted from zero."""
-        delivery_id = request.path_params["delivery_id"]
-        async with failing_closed():
-            delivery = await self.queue.get(delivery_id)
-            result = await self.queue.requeue(delivery_id)
-        if result == "missing" or delivery is None:
-            raise NotFound("no such delivery (finished ones are kept 7 days, failed ones 30)")
-        if result != "ok":
-            raise Conflict(f"the delivery is {result}; only failed deliveries can be retried")
-        if self._disabled.pop(delivery.webhook, None) is not None:  # the operator says the receiver is back
+    def enable(self, webhook_id: str) -> None:
+        """The operator says the receiver is back (a failed delivery retried): a 410 no longer stops deliveries."""
+        if self._disabled.pop(webhook_id, None) is not None:
             self._routing = (None, {})
-        await self.start()
-        # The delivery as queued again (a worker may already be on it by the time anything is read back).
-        queued = {**delivery.summary(), "status": "pending", "attempts": 0, "last_error": None, "next_attempt_at": None}
-        return JSONResponse(queued, status_code=202)
 
 
 def _gone(webhook_id: str) -> str:

@@ -1,0 +1,44 @@
+"""What the gateway (sidecar/proxy/gateway.py) uses of the running sidecar — and nothing else. The runtime
+(sidecar/runtime.py) satisfies it; the proxy never imports the runtime."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from sidecar.authn.base import Identity
+    from sidecar.events import Events
+    from sidecar.ops.audit import AuditLog
+    from sidecar.ops.metrics import Metrics
+    from sidecar.proxy.route_plans import Policy
+    from sidecar.proxy.verdict_cache import VerdictCache
+
+
+class Subscriptions(Protocol):
+    def targets(self, event: str) -> Sequence[object]:
+        """Who would receive this event (nobody: it need not be built)."""
+
+
+class GatewayContext(Protocol):
+    @property
+    def policy(self) -> Policy:
+        """The compiled policy in force; a request takes it once and keeps it to the end."""
+
+    @property
+    def cache(self) -> VerdictCache: ...
+
+    @property
+    def audit(self) -> AuditLog: ...
+
+    @property
+    def metrics(self) -> Metrics: ...
+
+    @property
+    def events(self) -> Events: ...
+
+    @property
+    def webhooks(self) -> Subscriptions: ...
+
+    def identity_token(self, identity: Identity) -> str | None:
+        """The signed identity token for the upstream, when `identity.signed_token` is on."""

@@ -107,9 +107,7 @@ def glob_to_regex(pattern: str) -> str:
         if segment == "**":
             out += "(?:/.*)?"
         else:
-            out += "/" + ".".join(re.escape(part).replace(r"\*", "[^/]*") for part in segment.split("."))
-    if pattern == "/":
-        out += "/"
+            out += "/" + re.escape(segment).replace(r"\*", "[^/]*")  # a dot is a dot: `/x/*.css` is not `/x/acss`
     return out + "$"
 
 

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import socket
+import ssl
 import tempfile
 import threading
 import time
@@ -85,11 +86,13 @@ class _ThreadServer(uvicorn.Server):
 
 
 @contextlib.contextmanager
-def serve_in_thread(app: Any, port: int | None = None) -> Iterator[str]:
-    """Serve an ASGI app with uvicorn on 127.0.0.1 in a background thread; yields its base URL."""
+def serve_in_thread(app: Any, port: int | None = None, *, tls: ssl.SSLContext | None = None) -> Iterator[str]:
+    """Serve an ASGI app with uvicorn on 127.0.0.1 in a background thread; yields its base URL (https with `tls`,
+    a server context)."""
     port = port or free_port()
     config = uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="off", log_level="warning",
-                            access_log=False, http="httptools", loop="asyncio")
+                            access_log=False, http="httptools", loop="asyncio",
+                            ssl_context_factory=None if tls is None else lambda _config, _default: tls)
     server = _ThreadServer(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -99,7 +102,7 @@ def serve_in_thread(app: Any, port: int | None = None) -> Iterator[str]:
             raise RuntimeError("the test server did not start")
         time.sleep(0.005)
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield f"{'https' if tls else 'http'}://127.0.0.1:{port}"
     finally:
         server.should_exit = True
         thread.join(10)
@@ -120,9 +123,9 @@ class RecordingUpstream:
 
 
 @contextlib.contextmanager
-def recording_upstream(port: int | None = None) -> Iterator[RecordingUpstream]:
+def recording_upstream(port: int | None = None, *, tls: ssl.SSLContext | None = None) -> Iterator[RecordingUpstream]:
     app = EchoApp()
-    with serve_in_thread(app, port) as url:
+    with serve_in_thread(app, port, tls=tls) as url:
         yield RecordingUpstream(app, url)
 
 

@@ -55,7 +55,9 @@ class Policy:
             route = compiled.config
             auths = tuple(self.authenticators[name] for name in route.auth)
             upstream = route.upstream or config.upstream
-            transport = services.transport_for(upstream, config.timeouts)
+            # TLS settings matter only to an https upstream; an http one shares its transport whatever they say.
+            tls = (route.upstream_tls or config.upstream_tls) if upstream.startswith("https:") else None
+            transport = services.transport_for(upstream, config.timeouts, tls)
             self.plans.append(RoutePlan(
                 route=compiled, config=route, authenticators=auths,
                 strip=StripPlan.from_sources(s for a in auths for s in a.sources),

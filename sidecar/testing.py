@@ -190,18 +190,19 @@ class SidecarProcess:
     """`sidecar run` as a real separate process on loopback ports."""
 
     def __init__(self, config_path: str | Path, *, workers: int = 1, env: dict[str, str] | None = None,
-                 grace: float = 30.0) -> None:
+                 grace: float = 30.0, args: tuple[str, ...] = ()) -> None:
+        """`args`: more `sidecar run` options; with `--tls-cert` the main URL is https."""
         import os
         import subprocess
         import sys
 
         self.port, self.admin_port = free_port(), free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if '--tls-cert' in args else 'http'}://127.0.0.1:{self.port}"
         self.admin_url = f"http://127.0.0.1:{self.admin_port}"
         self.process = subprocess.Popen(
             [sys.executable, "-m", "sidecar", "run", "--config", str(config_path), "--host", "127.0.0.1",
              "--port", str(self.port), "--admin-port", str(self.admin_port), "--workers", str(workers),
-             "--grace", str(grace)],
+             "--grace", str(grace), *args],
             env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
         self._wait_ready()

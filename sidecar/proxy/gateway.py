@@ -25,6 +25,7 @@ from sidecar.errors import (
     Unauthenticated,
 )
 from sidecar.proxy.authorization import authorize
+from sidecar.proxy.client_cert import client_cert
 from sidecar.proxy.request_view import RequestView, client_address, is_trusted_peer
 from sidecar.proxy.upstream_request import build_headers, strip_body, strip_query, target
 
@@ -80,6 +81,7 @@ class Gateway:
             )
             request = RequestView(method, path, scope.get("query_string", b""), headers, seen.authority,
                                   scope.get("scheme", "http"), peer, client_ip, seen.request_id)
+            request.client_cert = client_cert(scope)
             log["client_ip"] = client_ip
             if plan.needs_body:
                 request.body = await read_body(receive, plan.config.max_body, seen.content_length)
@@ -87,7 +89,8 @@ class Gateway:
             log["authenticator"] = auth.name
             log["subject"] = identity.subject
             log["client"] = identity.client
-            authorize(plan.config, identity, client_ip, policy.clients, getattr(auth, "client_bound", False))
+            authorize(plan.config, identity, client_ip, policy.clients, getattr(auth, "client_bound", False),
+                      request.client_cert)
             status, upstream_seconds = await self.forward(
                 policy, plan, request, auth, identity, receive, send, responded, seen.has_body)
             log["decision"] = "allow"

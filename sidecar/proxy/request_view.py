@@ -10,6 +10,7 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from sidecar.config.types import Source
+from sidecar.proxy.client_cert import ClientCert
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Headers = list[tuple[bytes, bytes]]
@@ -52,6 +53,7 @@ class RequestView:
         "_json",
         "_query",
         "body",
+        "client_cert",
         "client_ip",
         "headers",
         "host",
@@ -85,6 +87,7 @@ class RequestView:
         self.client_ip = client_ip
         self.request_id = request_id
         self.body: bytes | None = None
+        self.client_cert: ClientCert | None = None  # the TLS listener's verified client certificate, if any
         self._query: list[tuple[str, str]] | None = None
         self._cookies: list[tuple[str, str]] | None = None
         self._form: list[tuple[str, str]] | None = None

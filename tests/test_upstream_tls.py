@@ -154,3 +154,22 @@ def test_files_rotated_on_disk_are_used_without_restart(tls_upstream: RecordingU
         time.sleep(1.1)
         response = http.get(sc.url + "/rotated")
         assert response.status_code == 200, response.text
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    ({"ca_file": "/nonexistent/ca.pem"}, "/nonexistent/ca.pem does not exist"),
+    ({"key_file": "/etc/hostname"}, "key_file needs cert_file"),
+    ({"ca_file": "/etc/hostname"}, "do not load as PEM"),
+])
+def test_check_refuses_upstream_tls_files_that_do_not_load(settings: dict[str, str], message: str,
+                                                           tmp_path: Path) -> None:
+    """`upstream_tls` files are loaded at check time: a missing or non-PEM file is a config error naming it."""
+    from sidecar.config.loader import load
+    from sidecar.config.yaml_lines import ConfigError
+
+    path = tmp_path / "sidecar.yaml"
+    path.write_text(tls_config("https://127.0.0.1:1", **settings))
+    with pytest.raises(ConfigError) as failure:
+        load(str(path))
+    assert any(message in str(error) and "upstream_tls" in str(error) for error in failure.value.errors), \
+        failure.value.errors

@@ -7,6 +7,7 @@ request path. `warnings` are for `sidecar check`: legal but probably not what wa
 from __future__ import annotations
 
 import base64
+import os
 import re
 import ssl
 from typing import Any, Literal
@@ -75,12 +76,13 @@ class UpstreamTlsConfig(Model):
     def _loads(self) -> UpstreamTlsConfig:
         if self.key_file and not self.cert_file:
             raise ValueError("key_file needs cert_file (the client certificate it belongs to)")
+        for path in self.files():
+            if not os.path.isfile(path):
+                raise ValueError(f"{path} does not exist (or is not a file)")
         try:
             upstream_tls_context(self)
-        except FileNotFoundError as exc:
-            raise ValueError(f"upstream_tls: {exc.filename} does not exist") from None
         except (OSError, ssl.SSLError, ValueError) as exc:
-            raise ValueError(f"upstream_tls: the files do not load as PEM certificates and key ({exc})") from None
+            raise ValueError(f"the files do not load as PEM certificates and key ({exc})") from None
         return self
 
     def files(self) -> tuple[str, ...]:

@@ -48,6 +48,12 @@ CASES: dict[str, Case] = {
             "sidecar, RS256 JWT route, 4 tokens repeated (warm cache)",
             light_default=True,
         ),
+        Case(
+            "jwt_cached_https",
+            "sidecar",
+            "/jwt/x",
+            "jwt_cached with an https upstream (nginx ssl listener, keep-alive, private CA)",
+        ),
         Case("jwt_new", "sidecar", "/jwt/x", "sidecar, RS256 JWT route, a never-seen token on every request"),
         Case("client_token", "sidecar", "/token/x", "sidecar, client-token route, Redis db 14", needs_redis=True),
         Case(
@@ -59,6 +65,7 @@ CASES: dict[str, Case] = {
     )
 }
 TRANSPORT_CASES = ("anonymous", "jwt_cached")  # run under every --transport value
+JWT_CASES = ("jwt_cached", "jwt_cached_https", "jwt_new")
 
 
 @dataclass
@@ -67,6 +74,7 @@ class Creds:
     jwt_few: list[str] = field(default_factory=list)
     client_token: str = ""
     client_token_ref: str = ""
+    upstream_ca: str = ""  # the https upstream's CA file (jwt_cached_https)
 
 
 def sidecar_config(case: Case, upstream_port: int, creds: Creds) -> str:
@@ -86,7 +94,10 @@ def sidecar_config(case: Case, upstream_port: int, creds: Creds) -> str:
             cfg["routes"] = [
                 {"id": f"r{i}", "match": {"path": f"/r{i}/**"}, "auth": ["public"]} for i in range(ROUTE_COUNT)
             ]
-    elif case.name in ("jwt_cached", "jwt_new"):
+    elif case.name in JWT_CASES:
+        if case.name == "jwt_cached_https":
+            cfg["upstream"] = f"https://127.0.0.1:{upstream_port}"
+            cfg["upstream_tls"] = {"ca_file": creds.upstream_ca, "server_name": "localhost"}
         cfg["authenticators"] = {
             "bench_jwt": {
                 "type": "jwt",
@@ -119,7 +130,7 @@ _Dumper.add_representer(str, _str)
 
 def case_headers(case: Case, creds: Creds) -> dict[str, str]:
     """Headers for a single request of the case (readiness check, light-load pass)."""
-    if case.name in ("jwt_cached", "jwt_new"):
+    if case.name in JWT_CASES:
         return {"Authorization": f"Bearer {creds.jwt_few[0]}"}
     if case.name == "client_token":
         return {"X-Client-Token": creds.client_token}
@@ -127,7 +138,7 @@ def case_headers(case: Case, creds: Creds) -> dict[str, str]:
 
 
 def wrk_script(case: Case, creds: Creds, fresh_prefix: str = "") -> WrkScript:
-    if case.name == "jwt_cached":
+    if case.name in ("jwt_cached", "jwt_cached_https"):
         return WrkScript("rotate", ["Authorization", *(f"Bearer {t}" for t in creds.jwt_few)])
     if case.name == "jwt_new":
         return WrkScript("fresh", [fresh_prefix, "Authorization"])

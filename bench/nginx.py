@@ -6,6 +6,7 @@ import grp
 import json
 import os
 import pwd
+import ssl
 import subprocess
 import time
 import urllib.request
@@ -63,15 +64,18 @@ def _http_common(prefix: Path) -> str:
 """
 
 
-def upstream_conf(prefix: Path, port: int, body: str | None = None) -> str:
-    """nginx answering every request with 200 and a fixed JSON body (default: ~1 KB)."""
+def upstream_conf(prefix: Path, port: int, body: str | None = None, tls: tuple[Path, Path] | None = None) -> str:
+    """nginx answering every request with 200 and a fixed JSON body (default: ~1 KB); over TLS with `tls`
+    (certificate, key), with a session cache so a new connection can resume."""
     body = upstream_body() if body is None else body
+    ssl = "" if tls is None else (f" ssl;\n        ssl_certificate {tls[0]};\n        ssl_certificate_key {tls[1]};\n"
+                                  "        ssl_protocols TLSv1.2 TLSv1.3;\n        ssl_session_cache shared:bench:10m")
     return (
         _common(prefix)
         + f"""http {{
 {_http_common(prefix)}
     server {{
-        listen 127.0.0.1:{port} backlog=4096;
+        listen 127.0.0.1:{port} backlog=4096{ssl};
         location / {{
             default_type application/json;
             return 200 '{body}';
@@ -107,8 +111,11 @@ def proxy_conf(prefix: Path, port: int, upstream_port: int) -> str:
 class Nginx:
     """One nginx master (foreground) plus its workers, stopped by ``close()``."""
 
-    def __init__(self, binary: str, prefix: Path, conf: str, port: int, name: str) -> None:
+    def __init__(self, binary: str, prefix: Path, conf: str, port: int, name: str, ca: Path | None = None) -> None:
+        """`ca`: the listener speaks TLS with a certificate from this CA (the readiness check verifies it)."""
         self.binary, self.prefix, self.port, self.name = binary, prefix, port, name
+        self.scheme = "https" if ca else "http"
+        self.context = ssl.create_default_context(cafile=str(ca)) if ca else None
         prefix.mkdir(parents=True, exist_ok=True)
         self.conf_path = prefix / "nginx.conf"
         self.conf_path.write_text(conf)
@@ -127,7 +134,8 @@ class Nginx:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"nginx ({self.name}) exited:\n{tail(self.prefix / 'error.log')}")
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/ready", timeout=1) as r:
+                with urllib.request.urlopen(f"{self.scheme}://127.0.0.1:{self.port}/ready", timeout=1,
+                                            context=self.context) as r:
                     if r.status == 200:
                         return
             except OSError:
@@ -141,3 +149,36 @@ class Nginx:
 
     def close(self) -> None:
         stop(self.proc, f"nginx {self.name}")
+
+
+def make_certificates(directory: Path) -> tuple[Path, Path, Path]:
+    """A private CA and a certificate for localhost/127.0.0.1 it signed: (ca, cert, key) PEM files."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    directory.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bench CA")])
+
+    def builder(subject: x509.Name, public: ec.EllipticCurvePublicKey) -> x509.CertificateBuilder:
+        return (x509.CertificateBuilder().subject_name(subject).issuer_name(ca_name).public_key(public)
+                .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+                .not_valid_after(now + datetime.timedelta(days=2)))
+
+    ca = builder(ca_name, ca_key.public_key()).add_extension(
+        x509.BasicConstraints(ca=True, path_length=None), critical=True).sign(ca_key, hashes.SHA256())
+    cert = builder(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]), key.public_key()).add_extension(
+        x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+        critical=False).sign(ca_key, hashes.SHA256())
+    paths = directory / "ca.pem", directory / "server.pem", directory / "server.key"
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return paths

@@ -19,7 +19,7 @@ from typing import Any
 
 from bench import configs, loadgen, tokens, tools, wrk
 from bench.configs import Case, Creds
-from bench.nginx import Nginx, proxy_conf, upstream_conf
+from bench.nginx import Nginx, make_certificates, proxy_conf, upstream_conf
 from bench.procs import cpu_snapshot, foreign_cores, free_port, tree_cpu_seconds
 from bench.report import CaseResult
 from bench.sidecar_proc import REPO_ROOT, Sidecar, SidecarError
@@ -38,6 +38,7 @@ class Bench:
         self.nginx_bin = ""
         self.upstream: Nginx | None = None
         self.proxy: Nginx | None = None
+        self.https_upstream: Nginx | None = None
         self.creds = Creds()
         self.fresh_light: list[str] = []
         self.fresh_ready = False
@@ -66,7 +67,20 @@ class Bench:
             )
             self.proxy.start()
         names = {c.name for c in self.plan}
-        if names & {"jwt_cached", "jwt_new"}:
+        if "jwt_cached_https" in names:
+            ca, cert, key = make_certificates(self.workdir / "tls")
+            self.creds.upstream_ca = str(ca)
+            tls_port = free_port()
+            self.https_upstream = Nginx(
+                self.nginx_bin,
+                self.workdir / "nginx-https-upstream",
+                upstream_conf(self.workdir / "nginx-https-upstream", tls_port, tls=(cert, key)),
+                tls_port,
+                "https_upstream",
+                ca=ca,
+            )
+            self.https_upstream.start()
+        if names & {"jwt_cached", "jwt_cached_https", "jwt_new"}:
             key = tokens.load_or_create_key(CACHE_DIR)
             self.creds.public_pem = key.public_pem
             self.creds.jwt_few = [tokens.sign(key, f"cached-user-{i}") for i in range(JWT_FEW)]
@@ -92,7 +106,7 @@ class Bench:
         self.fresh_ready = True
 
     def close(self) -> None:
-        for n in (self.proxy, self.upstream):
+        for n in (self.proxy, self.upstream, self.https_upstream):
             if n is not None:
                 n.close()
         if not self.args.keep_temp:
@@ -125,7 +139,9 @@ class Bench:
             _check_redis()
         if case.name == "jwt_new" and not self.fresh_ready:
             raise RuntimeError("fresh JWTs were not prepared")
-        cfg = configs.sidecar_config(case, self.upstream.port, self.creds)
+        upstream = self.https_upstream if case.name == "jwt_cached_https" else self.upstream
+        assert upstream is not None
+        cfg = configs.sidecar_config(case, upstream.port, self.creds)
         sc = Sidecar(
             self.workdir / f"sidecar-{case.label.replace('@', '-')}",
             cfg,

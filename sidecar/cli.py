@@ -22,6 +22,11 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--workers", type=int, default=1)
     run.add_argument("--grace", type=float, default=30.0,
                      help="seconds in-flight requests get to finish after SIGTERM (default 30)")
+    run.add_argument("--tls-cert", help="serve HTTPS: certificate chain (PEM); overrides listen.tls_cert")
+    run.add_argument("--tls-key", help="the certificate's private key (PEM); overrides listen.tls_key")
+    run.add_argument("--tls-client-ca", help="ask clients for a certificate signed by this CA (PEM)")
+    run.add_argument("--admin-tls-cert", help="serve the admin port over HTTPS with this certificate (PEM)")
+    run.add_argument("--admin-tls-key", help="the admin certificate's private key (PEM)")
 
     check = commands.add_parser("check", help="validate the configuration")
     check.add_argument("--config")
@@ -61,18 +66,29 @@ def _load_or_report(path: str):  # type: ignore[no-untyped-def]
 def cmd_run(args: argparse.Namespace) -> int:
     from sidecar.proxy.transports.registry import transport_kind
     from sidecar.server.runner import ListenError, run
+    from sidecar.server.tls import ListenerTls, check_files
 
     path = config_path(args.config)
-    if _load_or_report(path) is None:
+    loaded = _load_or_report(path)
+    if loaded is None:
         return 1
     try:
         transport_kind()
+        tls = ListenerTls.choose(loaded.config.listen, args.tls_cert, args.tls_key, args.tls_client_ca)
+        if bool(args.admin_tls_cert) != bool(args.admin_tls_key):
+            raise ValueError("TLS on the admin port needs both --admin-tls-cert and --admin-tls-key")
+        admin_tls = ListenerTls(args.admin_tls_cert, args.admin_tls_key) if args.admin_tls_cert else None
     except ValueError as exc:
         print(f"sidecar: {exc}", file=sys.stderr)
         return 1
+    for listener in (tls, admin_tls):
+        problem = check_files(listener) if listener else None
+        if problem:
+            print(f"sidecar: {problem}", file=sys.stderr)
+            return 1
     admin_host = os.environ.get("SIDECAR_ADMIN_HOST", "127.0.0.1")
     try:
-        return run(path, args.host, args.port, admin_host, args.admin_port, args.workers, args.grace)
+        return run(path, args.host, args.port, admin_host, args.admin_port, args.workers, args.grace, tls, admin_tls)
     except ListenError as exc:
         print(f"sidecar: {exc}", file=sys.stderr)
         return 1

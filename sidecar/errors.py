@@ -5,7 +5,8 @@ renderer of every JSON error body (`error_body`).
     ├── BadRequest                400 invalid_request
     ├── Unauthenticated           401 invalid_token (Bearer challenge)
     │   └── MissingCredentials    401 missing_credentials
-    ├── Forbidden                 403 insufficient_scope / route_not_allowed / ip_not_allowed
+    ├── Forbidden                 403 insufficient_scope / route_not_allowed / ip_not_allowed /
+    │                                 client_cert_required / client_cert_not_allowed
     ├── NotFound                  404 not_found (admin API)
     ├── NoRoute                   404 no_route
     ├── Conflict                  409 conflict (admin API)
@@ -14,7 +15,7 @@ renderer of every JSON error body (`error_body`).
     ├── OAuthError                400 / 401 / 404 / 503: RFC 6749 §5.2 replies of the token and key endpoints
     │   └── SoapError             400 invalid_request: a generateMapToken envelope that cannot be read
     ├── Unavailable               decision "error": the sidecar or what it depends on failed, not the caller
-    │   ├── UpstreamUnavailable   502 upstream_unavailable
+    │   ├── UpstreamUnavailable   502 upstream_unavailable / upstream_tls_failed
     │   ├── DependencyUnavailable 503 dependency_unavailable (Redis, a validation service, an IdP's keys)
     │   ├── ShuttingDown          503 shutting_down (the --grace period ran out before the answer)
     │   └── UpstreamTimeout       504 upstream_timeout

@@ -30,7 +30,7 @@ from sidecar.webhooks.worker import Webhooks
 if TYPE_CHECKING:
     from sidecar.authn.base import Identity
     from sidecar.config.clients import ClientConfig
-    from sidecar.config.model import Config, LoadedConfig, TimeoutsConfig
+    from sidecar.config.model import Config, LoadedConfig, TimeoutsConfig, UpstreamTlsConfig
 
 log = logging.getLogger("sidecar")
 
@@ -57,6 +57,8 @@ RESTART_KEYS: tuple[tuple[str, str, Callable[[Config], object]], ...] = (
     ("issuer.signing_key", "the signing keys are loaded once, at start",
      lambda config: config.issuer.signing_keys() if config.issuer else []),
     ("issuer.prefix", "the issuer endpoints are mounted once, at start", _issuer_prefix),
+    ("listen", "the listener is opened once, at start (its certificate files are reloaded when they change)",
+     lambda config: config.listen),
 )
 
 
@@ -72,7 +74,7 @@ class Services:
         self.audit = audit or AuditLog()
         self.metrics = metrics or Metrics()
         self.http = ServiceClient()
-        self.transports: dict[tuple[str, float, float], Transport] = {}
+        self.transports: dict[tuple[str, float, float, UpstreamTlsConfig | None], Transport] = {}
         self._jwks: dict[str, JwksKeys] = {}
         self._jwks_loaders: dict[str, asyncio.Task[None]] = {}
         issuer = config.issuer
@@ -121,15 +123,17 @@ class Services:
     def clients(self) -> Mapping[str, ClientConfig]:
         return self.policy.clients
 
-    def transport_for(self, upstream_url: str, timeouts: TimeoutsConfig | None = None) -> Transport:
-        """The transport for this upstream with these timeouts (the policy being built passes its own: a reload
-        that changes `timeouts:` gets new transports). One that a new policy no longer uses is left to finish
-        what it carries and closed at shutdown; a later policy with the same settings takes it up again."""
+    def transport_for(self, upstream_url: str, timeouts: TimeoutsConfig | None = None,
+                      tls: UpstreamTlsConfig | None = None) -> Transport:
+        """The transport for this upstream with these timeouts and TLS settings (the policy being built passes its
+        own: a reload that changes `timeouts:` or `upstream_tls:` gets new transports). One that a new policy no
+        longer uses is left to finish what it carries and closed at shutdown; a later policy with the same settings
+        takes it up again."""
         timeouts = timeouts or self.loaded.config.timeouts
-        key = (upstream_url, timeouts.connect, timeouts.read)
+        key = (upstream_url, timeouts.connect, timeouts.read, tls)
         transport = self.transports.get(key)
         if transport is None:
-            transport = self.transports[key] = make_transport(upstream_url, timeouts.connect, timeouts.read)
+            transport = self.transports[key] = make_transport(upstream_url, timeouts.connect, timeouts.read, tls)
         return transport
 
     def jwks_for(self, url: str) -> JwksKeys:

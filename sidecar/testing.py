@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import socket
+import ssl
 import tempfile
 import threading
 import time
@@ -84,11 +85,13 @@ class KeyPair:
 
 
 @contextlib.contextmanager
-def serve_in_thread(app: Any, port: int | None = None) -> Iterator[str]:
-    """Serve an ASGI app with uvicorn on 127.0.0.1 in a background thread; yields its base URL."""
+def serve_in_thread(app: Any, port: int | None = None, *, tls: ssl.SSLContext | None = None) -> Iterator[str]:
+    """Serve an ASGI app with uvicorn on 127.0.0.1 in a background thread; yields its base URL (https with `tls`,
+    a server context)."""
     port = port or free_port()
     config = uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="off", log_level="warning",
-                            access_log=False, http="httptools", loop="asyncio")
+                            access_log=False, http="httptools", loop="asyncio",
+                            ssl_context_factory=None if tls is None else lambda _config, _default: tls)
     server = SignalFreeServer(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -98,7 +101,7 @@ def serve_in_thread(app: Any, port: int | None = None) -> Iterator[str]:
             raise RuntimeError("the test server did not start")
         time.sleep(0.005)
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield f"{'https' if tls else 'http'}://127.0.0.1:{port}"
     finally:
         server.should_exit = True
         thread.join(10)
@@ -119,9 +122,9 @@ class RecordingUpstream:
 
 
 @contextlib.contextmanager
-def recording_upstream(port: int | None = None) -> Iterator[RecordingUpstream]:
+def recording_upstream(port: int | None = None, *, tls: ssl.SSLContext | None = None) -> Iterator[RecordingUpstream]:
     app = EchoApp()
-    with serve_in_thread(app, port) as url:
+    with serve_in_thread(app, port, tls=tls) as url:
         yield RecordingUpstream(app, url)
 
 
@@ -187,18 +190,19 @@ class SidecarProcess:
     """`sidecar run` as a real separate process on loopback ports."""
 
     def __init__(self, config_path: str | Path, *, workers: int = 1, env: dict[str, str] | None = None,
-                 grace: float = 30.0) -> None:
+                 grace: float = 30.0, args: tuple[str, ...] = ()) -> None:
+        """`args`: more `sidecar run` options; with `--tls-cert` the main URL is https."""
         import os
         import subprocess
         import sys
 
         self.port, self.admin_port = free_port(), free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if '--tls-cert' in args else 'http'}://127.0.0.1:{self.port}"
         self.admin_url = f"http://127.0.0.1:{self.admin_port}"
         self.process = subprocess.Popen(
             [sys.executable, "-m", "sidecar", "run", "--config", str(config_path), "--host", "127.0.0.1",
              "--port", str(self.port), "--admin-port", str(self.admin_port), "--workers", str(workers),
-             "--grace", str(grace)],
+             "--grace", str(grace), *args],
             env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
         self._wait_ready()

@@ -7,7 +7,9 @@ request path. `warnings` are for `sidecar check`: legal but probably not what wa
 from __future__ import annotations
 
 import base64
+import os
 import re
+import ssl
 from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
@@ -59,6 +61,59 @@ class TimeoutsConfig(Model):
     read: Duration = 60.0
 
 
+class UpstreamTlsConfig(Model):
+    """TLS to an https upstream (SPEC §12): a private CA, a client certificate, the name to verify. Verification
+    and SNI are always on: there is no switch to skip them (a private CA is the answer to a self-signed upstream).
+    The files are read at load and again whenever they change (cert-manager rotates them in place)."""
+
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    server_name: str | None = None
+    min_version: Literal["1.2", "1.3"] = "1.2"
+
+    @model_validator(mode="after")
+    def _loads(self) -> UpstreamTlsConfig:
+        if self.key_file and not self.cert_file:
+            raise ValueError("key_file needs cert_file (the client certificate it belongs to)")
+        for path in self.files():
+            if not os.path.isfile(path):
+                raise ValueError(f"{path} does not exist (or is not a file)")
+        try:
+            upstream_tls_context(self)
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            raise ValueError(f"the files do not load as PEM certificates and key ({exc})") from None
+        return self
+
+    def files(self) -> tuple[str, ...]:
+        return tuple(f for f in (self.ca_file, self.cert_file, self.key_file) if f)
+
+
+def upstream_tls_context(tls: UpstreamTlsConfig | None) -> ssl.SSLContext:
+    """A client context for an https upstream: the system's CAs, or only `ca_file`'s when given; hostname checked."""
+    context = ssl.create_default_context(cafile=tls.ca_file if tls else None)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3 if tls and tls.min_version == "1.3" else ssl.TLSVersion.TLSv1_2
+    if tls and tls.cert_file:
+        context.load_cert_chain(tls.cert_file, tls.key_file)
+    return context
+
+
+class ListenConfig(Model):
+    """TLS on the main listener (`sidecar run --tls-cert/--tls-key/--tls-client-ca` override these)."""
+
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+
+    @model_validator(mode="after")
+    def _pair(self) -> ListenConfig:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("give tls_cert and tls_key together")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("tls_client_ca needs tls_cert and tls_key (client certificates are asked for over TLS)")
+        return self
+
+
 class MatchConfig(Model):
     methods: list[str] | None = None
     path: str | None = None
@@ -94,10 +149,31 @@ class MatchConfig(Model):
         return self
 
 
+class ClientCertRequire(Model):
+    """A verified client certificate on the TLS listener; when lists are given, its subject (RFC 4514, as
+    `CN=partner,O=Example`) or its SHA-256 fingerprint (hex, colons allowed) must be listed."""
+
+    subjects: list[str] = []
+    fingerprints: list[str] = []
+
+    @field_validator("fingerprints")
+    @classmethod
+    def _hex(cls, value: list[str]) -> list[str]:
+        out = []
+        for fingerprint in value:
+            normal = fingerprint.replace(":", "").strip().lower()
+            if not re.fullmatch(r"[0-9a-f]{64}", normal):
+                raise ValueError(f"{fingerprint!r} is not a SHA-256 fingerprint (64 hex digits, colons allowed); "
+                                 "get one with `openssl x509 -in cert.pem -noout -fingerprint -sha256`")
+            out.append(normal)
+        return out
+
+
 class RequireConfig(Model):
     scopes: list[str] = []
     clients: list[str] = []
     ips: list[Network] = []
+    client_cert: ClientCertRequire | None = None
 
 
 class EmitConfig(Model):
@@ -112,6 +188,7 @@ class RouteConfig(Model):
     auth: list[str] = Field(min_length=1)
     require: RequireConfig = RequireConfig()
     upstream: str | None = None
+    upstream_tls: UpstreamTlsConfig | None = None
     emit: list[EmitConfig] = []
     login_url: str | None = None
     max_body: int = Field(default=1024 * 1024, ge=0)
@@ -222,6 +299,8 @@ class IssuerConfig(Model):
 class Config(Model):
     version: Literal[1]
     upstream: str
+    upstream_tls: UpstreamTlsConfig | None = None
+    listen: ListenConfig = ListenConfig()
     trusted_proxies: list[Network] = []
     redis: str | None = None
     cache: CacheConfig = CacheConfig()

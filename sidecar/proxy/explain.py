@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 
 from sidecar.authn.base import Identity
 from sidecar.authn.jwks import JwksKeys
-from sidecar.config.model import LoadedConfig, TimeoutsConfig
+from sidecar.config.model import LoadedConfig, TimeoutsConfig, UpstreamTlsConfig
 from sidecar.errors import Refusal
 from sidecar.outbound.guard import ServiceClient
 from sidecar.proxy.request_view import RequestView, client_address, is_trusted_peer
@@ -52,7 +52,8 @@ class Offline:
         assert self.compiled is not None, "the policy is read only after it is compiled"
         return self.compiled
 
-    def transport_for(self, upstream_url: str, timeouts: TimeoutsConfig | None = None) -> OfflineTransport:
+    def transport_for(self, upstream_url: str, timeouts: TimeoutsConfig | None = None,
+                      tls: UpstreamTlsConfig | None = None) -> OfflineTransport:
         return OfflineTransport(upstream_url)
 
     def issuer_public_keys(self) -> list[tuple[str, Any]]:

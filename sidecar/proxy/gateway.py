@@ -26,6 +26,7 @@ from sidecar.errors import (
     Unauthenticated,
 )
 from sidecar.proxy.authorization import authorize
+from sidecar.proxy.client_cert import client_cert
 from sidecar.proxy.request_view import RequestView, client_address, is_trusted_peer
 from sidecar.proxy.upstream_request import build_headers, strip_body, strip_query, target
 
@@ -103,7 +104,8 @@ class Gateway:
                 request.body = await read_body(receive, plan.config.max_body, exchange.seen.content_length)
             auth, identity = await self.authenticate(plan, request)
             exchange.auth_name, exchange.identity = auth.name, identity
-            authorize(plan.config, identity, request.client_ip, policy.clients, auth.client_bound)
+            authorize(plan.config, identity, request.client_ip, policy.clients, auth.client_bound,
+                      request.client_cert)
             await self.forward(policy, plan, request, auth, identity, receive, send, exchange)
         except Refusal as refusal:
             await self.refused(refusal, exchange, send)
@@ -137,6 +139,7 @@ class Gateway:
         request = exchange.request = RequestView(
             scope["method"], path, scope.get("query_string", b""), scope["headers"], seen.authority,
             scope.get("scheme", "http"), peer, client_ip, seen.request_id)
+        request.client_cert = client_cert(scope)
         return plan, request
 
     async def refused(self, refusal: Refusal, exchange: Exchange, send: Any) -> None:

@@ -10,6 +10,7 @@ from urllib.parse import parse_qsl
 
 from sidecar.config.types import Source
 from sidecar.ip_addresses import Network, ip_in
+from sidecar.proxy.client_cert import ClientCert
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -40,6 +41,7 @@ class RequestView:
         "_json",
         "_query",
         "body",
+        "client_cert",
         "client_ip",
         "headers",
         "host",
@@ -73,6 +75,7 @@ class RequestView:
         self.client_ip = client_ip
         self.request_id = request_id
         self.body: bytes | None = None
+        self.client_cert: ClientCert | None = None  # the TLS listener's verified client certificate, if any
         self._query: list[tuple[str, str]] | None = None
         self._cookies: list[tuple[str, str]] | None = None
         self._form: list[tuple[str, str]] | None = None

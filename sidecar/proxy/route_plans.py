@@ -16,7 +16,7 @@ from sidecar.proxy.upstream_request import IdentityHeaders, StripPlan
 if TYPE_CHECKING:
     from sidecar.authn.base import Authenticator
     from sidecar.config.clients import ClientConfig
-    from sidecar.config.model import LoadedConfig, RouteConfig, TimeoutsConfig
+    from sidecar.config.model import LoadedConfig, RouteConfig, TimeoutsConfig, UpstreamTlsConfig
     from sidecar.proxy.transports.base import Transport
 
 
@@ -36,7 +36,8 @@ class PolicyContext(AuthnContext, Protocol):
     """What compiling a policy needs: a transport per upstream (the runtime's pools, sidecar/runtime.py; nothing
     connected for `sidecar explain`). It is handed on to the authenticators' builders too."""
 
-    def transport_for(self, upstream_url: str, timeouts: TimeoutsConfig | None = None) -> Transport: ...
+    def transport_for(self, upstream_url: str, timeouts: TimeoutsConfig | None = None,
+                      tls: UpstreamTlsConfig | None = None) -> Transport: ...
 
 
 class Policy:
@@ -63,7 +64,9 @@ class Policy:
             route = compiled.config
             auths = tuple(self.authenticators[name] for name in route.auth)
             upstream = route.upstream or config.upstream
-            transport = services.transport_for(upstream, config.timeouts)
+            # TLS settings matter only to an https upstream; an http one shares its transport whatever they say.
+            tls = (route.upstream_tls or config.upstream_tls) if upstream.startswith("https:") else None
+            transport = services.transport_for(upstream, config.timeouts, tls)
             self.plans.append(RoutePlan(
                 route=compiled, config=route, authenticators=auths,
                 strip=StripPlan.from_sources(s for a in auths for s in a.sources),

@@ -69,6 +69,8 @@ class IdentityHeaders:
         self.method = f"{p}Method".encode()
         self.scopes = f"{p}Scopes".encode()
         self.token = f"{p}Token".encode()
+        self.cert_subject = f"{p}Client-Cert-Subject".encode()
+        self.cert_sha256 = f"{p}Client-Cert-Sha256".encode()
         self._encoded: dict[int, tuple[Identity, Headers]] = {}
 
     def classify(self, name: bytes) -> int:
@@ -183,6 +185,10 @@ def build_headers(
         out.extend(names.encoded(identity))
         if signed_token:
             out.append((names.token, signed_token.encode()))
+    cert = request.client_cert
+    if cert is not None:  # the client-sent copies were dropped above with the rest of the identity prefix
+        out.append((names.cert_subject, _header_value(cert.subject)))
+        out.append((names.cert_sha256, cert.sha256.encode()))
     return out
 
 

@@ -22,6 +22,7 @@ from typing import Any
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from sidecar.errors import error_body
+from sidecar.proxy.client_cert import tls_extension
 
 
 class CoalescingTransport:
@@ -83,8 +84,12 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
 
     _head_bytes = 0
     _in_head = True
+    _tls: dict[str, Any] | None = None  # the ASGI TLS extension of this connection, on a TLS listener
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None:  # the handshake is over: the client certificate is read once per connection
+            self._tls = tls_extension(ssl_object)
         super().connection_made(CoalescingTransport(transport, self.loop))  # type: ignore[arg-type]
 
     def data_received(self, data: bytes) -> None:
@@ -100,6 +105,8 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
         self._in_head = True
         self._head_bytes = 0
         super().on_message_begin()
+        if self._tls is not None:
+            self.scope["extensions"] = self._tls
 
     def on_headers_complete(self) -> None:
         self._in_head = False

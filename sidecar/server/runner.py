@@ -15,6 +15,7 @@ import multiprocessing
 import os
 import signal
 import socket
+import ssl
 import sys
 import time
 from collections.abc import Iterator
@@ -25,6 +26,7 @@ import uvicorn
 from sidecar.config.loader import load
 from sidecar.errors import ShuttingDown
 from sidecar.server.apps import create_apps
+from sidecar.server.tls import ListenerTls, ReloadingServerContext, watch
 
 if TYPE_CHECKING:
     from sidecar.runtime import Services
@@ -44,14 +46,17 @@ class SignalFreeServer(uvicorn.Server):
         yield
 
 
-def _uvicorn_config(app: Any, *, graceful: float) -> uvicorn.Config:
+def _uvicorn_config(app: Any, *, graceful: float, tls: ssl.SSLContext | None = None) -> uvicorn.Config:
     from sidecar.server.http_protocol import CoalescingHttpToolsProtocol
+
+    # Our own context (server/tls.py), not uvicorn's ssl_* options: TLS 1.2+, chosen suites, reload on change.
+    tls_factory = None if tls is None else lambda _config, _default: tls
 
     return uvicorn.Config(
         app, lifespan="off", http=CoalescingHttpToolsProtocol, loop="none", access_log=False, proxy_headers=False,
         server_header=False, log_level="warning",
         timeout_graceful_shutdown=graceful,  # type: ignore[arg-type]  # typed int, but it goes to asyncio.wait_for
-        timeout_keep_alive=75, h11_max_incomplete_event_size=64 * 1024,
+        timeout_keep_alive=75, h11_max_incomplete_event_size=64 * 1024, ssl_context_factory=tls_factory,
     )
 
 
@@ -107,10 +112,14 @@ class Serving:
     """One worker: both servers over one `Services`, until `stop()` (or SIGTERM/SIGINT)."""
 
     def __init__(self, config_path: str, main_sock: socket.socket, admin_sock: socket.socket,
-                 graceful: float = 30.0) -> None:
+                 graceful: float = 30.0, tls: ListenerTls | None = None, admin_tls: ListenerTls | None = None) -> None:
+        """`tls`: the main listener's files from the command line (else the configuration's `listen:` block);
+        `admin_tls`: the admin port's, which is otherwise plain."""
         self.config_path = config_path
         self.sockets = (main_sock, admin_sock)
         self.graceful = graceful
+        self.tls = tls
+        self.admin_tls = admin_tls
         self.services: Services | None = None
         self._main: SignalFreeServer | None = None
         self.started = asyncio.Event()
@@ -120,11 +129,19 @@ class Serving:
             self._main.should_exit = True
 
     async def run(self) -> None:
-        main_app, admin, services = create_apps(load(self.config_path))
+        loaded = load(self.config_path)
+        main_app, admin, services = create_apps(loaded)
         self.services = services
         await services.start()
-        main = self._main = SignalFreeServer(_uvicorn_config(GraceCutoff(main_app), graceful=self.graceful))
-        admin_server = SignalFreeServer(_uvicorn_config(admin, graceful=1.0))
+        tls = self.tls or ListenerTls.choose(loaded.config.listen, None, None, None)
+        main_tls = ReloadingServerContext(tls) if tls else None
+        admin_tls = ReloadingServerContext(self.admin_tls) if self.admin_tls else None
+        main = self._main = SignalFreeServer(_uvicorn_config(GraceCutoff(main_app), graceful=self.graceful,
+                                                             tls=main_tls.front if main_tls else None))
+        admin_server = SignalFreeServer(
+            _uvicorn_config(admin, graceful=1.0, tls=admin_tls.front if admin_tls else None))
+        reloading = [c for c in (main_tls, admin_tls) if c is not None]
+        watcher = asyncio.ensure_future(watch(reloading)) if reloading else None
         loop = asyncio.get_running_loop()
         with contextlib.suppress(ValueError, RuntimeError):  # not the main thread: signals are not ours to take
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -139,12 +156,15 @@ class Serving:
         try:
             await main_task
         finally:
+            if watcher is not None:
+                watcher.cancel()
             admin_server.should_exit = True
             await admin_task
             await services.aclose()
 
 
-def _run_worker(config_path: str, main_sock: socket.socket, admin_sock: socket.socket, graceful: float) -> None:
+def _run_worker(config_path: str, main_sock: socket.socket, admin_sock: socket.socket, graceful: float,
+                tls: ListenerTls | None = None, admin_tls: ListenerTls | None = None) -> None:
     _setup_logging()
     try:
         import uvloop
@@ -153,7 +173,7 @@ def _run_worker(config_path: str, main_sock: socket.socket, admin_sock: socket.s
     except ImportError:
         runner = asyncio.Runner()
     with runner:
-        runner.run(Serving(config_path, main_sock, admin_sock, graceful).run())
+        runner.run(Serving(config_path, main_sock, admin_sock, graceful, tls, admin_tls).run())
 
 
 def _setup_logging() -> None:
@@ -176,7 +196,7 @@ def _listen(host: str, port: int, what: str) -> socket.socket:
 
 
 def run(config_path: str, host: str, port: int, admin_host: str, admin_port: int, workers: int,
-        graceful: float = 30.0) -> int:
+        graceful: float = 30.0, tls: ListenerTls | None = None, admin_tls: ListenerTls | None = None) -> int:
     main_sock = _listen(host, port, "--port")
     try:
         admin_sock = _listen(admin_host, admin_port, "--admin-port")
@@ -184,20 +204,21 @@ def run(config_path: str, host: str, port: int, admin_host: str, admin_port: int
         main_sock.close()
         raise
     if workers <= 1:
-        _run_worker(config_path, main_sock, admin_sock, graceful)
+        _run_worker(config_path, main_sock, admin_sock, graceful, tls, admin_tls)
         return 0
-    return _supervise(config_path, main_sock, admin_sock, workers, graceful)
+    return _supervise(config_path, main_sock, admin_sock, workers, graceful, tls, admin_tls)
 
 
 def _supervise(config_path: str, main_sock: socket.socket, admin_sock: socket.socket, workers: int,
-               graceful: float) -> int:
+               graceful: float, tls: ListenerTls | None = None, admin_tls: ListenerTls | None = None) -> int:
     context = multiprocessing.get_context("spawn")
     stopping = 0  # the signal that asked us to stop
     os.environ["SIDECAR_SUPERVISOR_PID"] = str(os.getpid())
     metrics_dir = _multiprocess_metrics_dir()
 
     def spawn() -> Any:
-        process = context.Process(target=_run_worker, args=(config_path, main_sock, admin_sock, graceful), daemon=False)
+        process = context.Process(target=_run_worker, daemon=False,
+                                  args=(config_path, main_sock, admin_sock, graceful, tls, admin_tls))
         process.start()
         return process
 

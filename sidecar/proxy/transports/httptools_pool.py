@@ -1,12 +1,12 @@
 """A small HTTP/1.1 keep-alive connection pool on httptools (the parser uvicorn uses): the forward path's
 default transport. httpx costs ~0.5 ms of CPU per request on this path; this costs a tenth of that (bench/).
 
-Scope, deliberately small: plain HTTP/1.1 to a configured upstream (https upstreams use httpx); request
-bodies as bytes, or streamed with their Content-Length, or chunked; responses streamed with back-pressure.
-Replies the parser rejects, oversized headers and broken connections map to 502, silence to 504. A request
-whose kept-alive connection turns out to be closed by the upstream before any byte of a reply is retried once
-on a new connection, when its body can be sent again and its method is idempotent (RFC 9112 §9.3.1: a POST
-the upstream may have run is never sent twice).
+Scope, deliberately small: HTTP/1.1 to a configured upstream, plain or over TLS (`upstream_tls`: the TLS layer is
+asyncio's, under the same protocol, and a kept-alive connection keeps its TLS session); request bodies as bytes, or
+streamed with their Content-Length, or chunked; responses streamed with back-pressure. Replies the parser rejects,
+oversized headers and broken connections map to 502, silence to 504. A request whose kept-alive connection turns
+out to be closed by the upstream before any byte of a reply is retried once on a new connection, when its body can
+be sent again and its method is idempotent (RFC 9112 §9.3.1: a POST the upstream may have run is never sent twice).
 
 A connection is reused only when it is known to be between two messages (see `Connection`): HTTP/1.1 has no
 message ids, so a pool that reuses a connection whose request body was cut short makes the upstream read the
@@ -16,13 +16,18 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import ssl
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httptools
 
 from sidecar.errors import UpstreamTimeout, UpstreamUnavailable
 from sidecar.proxy.transports.base import HOP_BY_HOP, Body, Headers, Upstream
+from sidecar.proxy.transports.tls import UpstreamTlsContext, tls_refusal
+
+if TYPE_CHECKING:
+    from sidecar.config.model import UpstreamTlsConfig
 
 MAX_HEADER_BYTES = 64 * 1024
 MAX_HEADERS = 256
@@ -32,8 +37,18 @@ IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})  # 
 _HEAD_FIELDS = frozenset({b"host", b"content-length", b"transfer-encoding", b"connection"})
 
 
+_CLOSED_AFTER_HANDSHAKE = ("the upstream closed a new TLS connection before answering; if it requires a client "
+                           "certificate, check upstream_tls cert_file and key_file")
+
+
 class _StaleConnection(Exception):
-    """The upstream closed a kept-alive connection before answering: safe to retry on a fresh one."""
+    """The upstream closed a kept-alive connection before answering: safe to retry on a fresh one. On a fresh TLS
+    connection the TLS error that closed it, if any, is `tls_error` (TLS 1.3 servers refuse a client certificate
+    after the handshake, on the first read)."""
+
+    def __init__(self, tls_error: ssl.SSLError | None = None) -> None:
+        super().__init__()
+        self.tls_error = tls_error
 
 
 class Connection(asyncio.Protocol):
@@ -153,7 +168,8 @@ class Connection(asyncio.Protocol):
             self._wake()
         if not self.complete:
             error: Exception = (
-                _StaleConnection() if not self.got_data else UpstreamUnavailable("the upstream closed the connection")
+                _StaleConnection(exc if isinstance(exc, ssl.SSLError) else None) if not self.got_data
+                else UpstreamUnavailable("the upstream closed the connection")
             )
             self._fail(error)
         self._release_writer(UpstreamUnavailable("the upstream closed the connection"))
@@ -318,7 +334,7 @@ class PoolResponse:
 
 class PoolTransport:
     def __init__(self, upstream: Upstream, connect_timeout: float, read_timeout: float,
-                 max_connections: int = 1024, max_idle: int = 256) -> None:
+                 max_connections: int = 1024, max_idle: int = 256, *, tls: UpstreamTlsConfig | None = None) -> None:
         self.upstream = upstream
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
@@ -326,6 +342,7 @@ class PoolTransport:
         self._idle: collections.deque[Connection] = collections.deque()
         self._slots = asyncio.Semaphore(max_connections)
         self._host_header = f"{upstream.host}:{upstream.port}".encode()
+        self.tls = UpstreamTlsContext(tls, upstream.host) if upstream.scheme == "https" else None
         self._closed = False
         self.loop: Any = None
 
@@ -348,12 +365,17 @@ class PoolTransport:
     async def _connect(self) -> Connection:
         loop = self.loop
         try:
-            _, conn = await asyncio.wait_for(
-                loop.create_connection(lambda: Connection(self), self.upstream.host, self.upstream.port),
-                self.connect_timeout,
-            )
+            if self.tls is None:
+                connecting = loop.create_connection(lambda: Connection(self), self.upstream.host, self.upstream.port)
+            else:  # SNI and certificate verification always (the context checks the name: check_hostname)
+                connecting = loop.create_connection(
+                    lambda: Connection(self), self.upstream.host, self.upstream.port, ssl=self.tls.context(),
+                    server_hostname=self.tls.server_name, ssl_handshake_timeout=self.connect_timeout)
+            _, conn = await asyncio.wait_for(connecting, self.connect_timeout)
         except TimeoutError:
             raise UpstreamTimeout("the upstream did not accept a connection in time") from None
+        except ssl.SSLError as exc:  # before OSError: it is one
+            raise tls_refusal(exc) from None
         except OSError:
             raise UpstreamUnavailable("the upstream could not be reached") from None
         return conn
@@ -384,8 +406,14 @@ class PoolTransport:
                 if not conn._headers_waiter.done():
                     conn._arm_timer(self.read_timeout)
                 await conn._headers_waiter
-            except _StaleConnection:
+            except _StaleConnection as stale:
                 conn.close()
+                if fresh and stale.tls_error is not None:
+                    raise tls_refusal(stale.tls_error) from None
+                if fresh and self.tls is not None:  # TLS 1.3: a client certificate is checked after
+                    # the handshake, and a server may close without an alert
+                    raise UpstreamUnavailable("the upstream closed the connection",
+                                              detail=_CLOSED_AFTER_HANDSHAKE) from None
                 if fresh or not retryable or attempt == 2:
                     raise UpstreamUnavailable("the upstream closed the connection") from None
                 continue

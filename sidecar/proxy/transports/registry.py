@@ -7,12 +7,16 @@ from __future__ import annotations
 import importlib
 import os
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from sidecar.proxy.transports.base import Transport, Upstream
 from sidecar.proxy.transports.httptools_pool import PoolTransport
 from sidecar.proxy.transports.httpx_client import HttpxTransport
 
-TransportFactory = Callable[[Upstream, float, float], Transport]
+if TYPE_CHECKING:
+    from sidecar.config.model import UpstreamTlsConfig
+
+TransportFactory = Callable[..., Transport]  # (upstream, connect_timeout, read_timeout, *, tls=None)
 
 TRANSPORTS: dict[str, TransportFactory] = {
     "httptools": PoolTransport,
@@ -40,11 +44,16 @@ def _plugin(kind: str) -> TransportFactory | None:
     return factory
 
 
-def make_transport(upstream_url: str, connect_timeout: float, read_timeout: float) -> Transport:
+def make_transport(upstream_url: str, connect_timeout: float, read_timeout: float,
+                   tls: UpstreamTlsConfig | None = None) -> Transport:
+    """`tls` (an https upstream's `upstream_tls`) goes to the transport as a keyword; a plugin is given it only
+    when set, so one written for plain upstreams keeps working."""
     upstream = Upstream.parse(upstream_url)
     kind = transport_kind()
-    if upstream.scheme == "https":
-        return HttpxTransport(upstream, connect_timeout, read_timeout)  # the pool speaks plain HTTP only
-    factory = TRANSPORTS.get(kind) or _plugin(kind)
+    if kind in TRANSPORTS:
+        return TRANSPORTS[kind](upstream, connect_timeout, read_timeout, tls=tls)
+    factory = _plugin(kind)
     assert factory is not None  # transport_kind() refused anything else
-    return factory(upstream, connect_timeout, read_timeout)
+    if tls is None:
+        return factory(upstream, connect_timeout, read_timeout)
+    return factory(upstream, connect_timeout, read_timeout, tls=tls)

@@ -1,0 +1,84 @@
+"""TLS to https upstreams, for every transport: the client context of one `upstream_tls` setting, rebuilt when
+its files change, and the refusal a failed handshake becomes.
+
+cert-manager (and most secret stores) rotate a certificate by rewriting its files in place. A transport asks for
+the context each time it opens a connection; at most once a second that looks at the files' modification times
+and, when one changed, builds a new context. Connections already open keep the session they have (TLS session
+reuse is keep-alive's). A half-written pair (the certificate rewritten, its key not yet) does not load: the old
+context stays in use and the files are looked at again a second later."""
+
+from __future__ import annotations
+
+import logging
+import os
+import ssl
+import time
+from typing import TYPE_CHECKING
+
+from sidecar.config.model import upstream_tls_context
+from sidecar.errors import UpstreamUnavailable
+
+if TYPE_CHECKING:
+    from sidecar.config.model import UpstreamTlsConfig
+
+log = logging.getLogger("sidecar")
+
+TLS_FAILED = "upstream_tls_failed"
+CHECK_EVERY = 1.0  # seconds between looks at the files' modification times
+
+
+class UpstreamTlsContext:
+    __slots__ = ("_checked", "_context", "_stamps", "server_name", "settings")
+
+    def __init__(self, settings: UpstreamTlsConfig | None, host: str) -> None:
+        self.settings = settings
+        self.server_name = (settings.server_name if settings else None) or host  # SNI and the name verified
+        self._stamps = self._file_stamps()
+        self._context = upstream_tls_context(settings)
+        self._checked = time.monotonic()
+
+    def _file_stamps(self) -> tuple[tuple[int, int, int], ...]:
+        stamps = []
+        for path in self.settings.files() if self.settings else ():
+            try:
+                st = os.stat(path)
+                stamps.append((st.st_mtime_ns, st.st_size, st.st_ino))
+            except OSError:
+                stamps.append((0, 0, 0))
+        return tuple(stamps)
+
+    def context(self) -> ssl.SSLContext:
+        """The context for a new connection: the current files' (looked at no more than once a second)."""
+        now = time.monotonic()
+        if self.settings is not None and now - self._checked >= CHECK_EVERY:
+            self._checked = now
+            stamps = self._file_stamps()
+            if stamps != self._stamps:
+                try:
+                    self._context = upstream_tls_context(self.settings)
+                    self._stamps = stamps
+                except (OSError, ssl.SSLError, ValueError) as exc:
+                    log.warning("upstream_tls: the changed files %s do not load (%s); still using the previous ones",
+                                ", ".join(self.settings.files()), exc)
+        return self._context
+
+
+def tls_refusal(exc: BaseException) -> UpstreamUnavailable:
+    """The 502 for a TLS failure with the upstream: which one, in the audit line (`detail`), never to the caller."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return UpstreamUnavailable("the upstream's TLS certificate could not be verified", reason=TLS_FAILED,
+                                   detail=f"upstream TLS certificate verification failed: {exc.verify_message}")
+    reason = getattr(exc, "reason", None) or str(exc)
+    return UpstreamUnavailable("the TLS handshake with the upstream failed", reason=TLS_FAILED,
+                               detail=f"upstream TLS handshake failed: {reason}")
+
+
+def ssl_error_in(exc: BaseException | None) -> ssl.SSLError | None:
+    """The `ssl.SSLError` behind an exception (httpx wraps it), if any."""
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, ssl.SSLError):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return None

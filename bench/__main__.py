@@ -53,6 +53,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="command that starts the sidecar CLI (default: current python -m sidecar)",
     )
+    p.add_argument(
+        "--baseline-cmd",
+        type=lambda s: s.split(),
+        default=None,
+        help="another sidecar command (e.g. `env PYTHONPATH=/tmp/old python -m sidecar` for an older commit): "
+        "each sidecar case also runs with it, right after, as CASE@baseline, so both are measured in one run",
+    )
     p.add_argument("--max-time", type=float, default=0.0, help="hard limit in seconds (0: computed from settings)")
     p.add_argument(
         "--wait-quiet",
@@ -90,6 +97,9 @@ def build_plan(args: argparse.Namespace) -> list[Case]:
             plan += [replace(case, transport=t, label=f"{name}@{t}") for t in args.transports]
         else:
             plan.append(replace(case, transport=args.transports[0]))
+        if case.target == "sidecar" and args.baseline_cmd:
+            for ours in [c for c in plan if c.name == name and c.command is None]:
+                plan.append(replace(ours, label=f"{ours.label}@baseline", command=args.baseline_cmd))
     return plan
 
 

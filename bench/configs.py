@@ -24,6 +24,7 @@ class Case:
     needs_redis: bool = False
     transport: str | None = None  # sidecar cases: SIDECAR_FORWARD_TRANSPORT
     label: str = ""
+    command: list[str] | None = None  # sidecar cases: the command that starts it (--baseline-cmd), else --sidecar-cmd
 
     def __post_init__(self) -> None:
         self.label = self.label or self.name

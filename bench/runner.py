@@ -147,7 +147,7 @@ class Bench:
             cfg,
             workers=self.args.workers,
             transport=case.transport,
-            command=self.args.sidecar_cmd,
+            command=case.command or self.args.sidecar_cmd,
         )
         before = _redis_keys() if case.needs_redis else None
         try:

@@ -11,7 +11,10 @@ from sidecar.config.yaml_lines import ConfigError
 
 
 def main(argv: list[str] | None = None) -> int:
+    from sidecar import __version__
+
     parser = argparse.ArgumentParser(prog="sidecar", description="A reverse-proxy authentication sidecar.")
+    parser.add_argument("--version", action="version", version=f"sidecar {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="serve the proxy and the admin API")
@@ -22,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--workers", type=int, default=1)
     run.add_argument("--grace", type=float, default=30.0,
                      help="seconds in-flight requests get to finish after SIGTERM (default 30)")
+    run.add_argument("--metrics-port", type=int, help="also serve only /metrics on this port (same host as --host)")
 
     check = commands.add_parser("check", help="validate the configuration")
     check.add_argument("--config")
@@ -72,7 +76,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 1
     admin_host = os.environ.get("SIDECAR_ADMIN_HOST", "127.0.0.1")
     try:
-        return run(path, args.host, args.port, admin_host, args.admin_port, args.workers, args.grace)
+        return run(path, args.host, args.port, admin_host, args.admin_port, args.workers, args.grace,
+                   args.metrics_port)
     except ListenError as exc:
         print(f"sidecar: {exc}", file=sys.stderr)
         return 1

@@ -187,7 +187,7 @@ class SidecarProcess:
     """`sidecar run` as a real separate process on loopback ports."""
 
     def __init__(self, config_path: str | Path, *, workers: int = 1, env: dict[str, str] | None = None,
-                 grace: float = 30.0) -> None:
+                 grace: float = 30.0, args: list[str] | None = None, stdout: int | None = None) -> None:
         import os
         import subprocess
         import sys
@@ -198,8 +198,9 @@ class SidecarProcess:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "sidecar", "run", "--config", str(config_path), "--host", "127.0.0.1",
              "--port", str(self.port), "--admin-port", str(self.admin_port), "--workers", str(workers),
-             "--grace", str(grace)],
-            env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+             "--grace", str(grace), *(args or [])],
+            env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL if stdout is None else stdout,
+            stderr=subprocess.PIPE,
         )
         self._wait_ready()
 

@@ -120,7 +120,7 @@ class Gateway:
         total = time.perf_counter() - started
         log["total_ms"] = round(total * 1000, 2)
         self.services.audit.record(log)
-        self.services.metrics.request(log["route"] or "-", log["decision"], total, upstream_seconds)
+        self.services.metrics.request(log["route"] or "-", log["decision"], total, upstream_seconds, log["status"])
 
     async def authenticate(self, plan: RoutePlan, request: RequestView) -> tuple[Authenticator, Identity]:
         for auth in plan.authenticators:

@@ -22,10 +22,15 @@ class MainApp:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "http":
-            if scope["path"].startswith(self.prefix_slash):
-                await self.issuer(scope, receive, send)
-            else:
-                await self.gateway(scope, receive, send)
+            metrics = self.services.metrics
+            metrics.in_flight += 1
+            try:
+                if scope["path"].startswith(self.prefix_slash):
+                    await self.issuer(scope, receive, send)
+                else:
+                    await self.gateway(scope, receive, send)
+            finally:
+                metrics.in_flight -= 1
         elif scope["type"] == "lifespan":
             await _lifespan(self.services, receive, send)
         else:  # websockets are not proxied

@@ -100,9 +100,10 @@ class Serving:
     """One worker: both servers over one `Services`, until `stop()` (or SIGTERM/SIGINT)."""
 
     def __init__(self, config_path: str, main_sock: socket.socket, admin_sock: socket.socket,
-                 graceful: float = 30.0) -> None:
+                 graceful: float = 30.0, metrics_sock: socket.socket | None = None) -> None:
         self.config_path = config_path
         self.sockets = (main_sock, admin_sock)
+        self.metrics_sock = metrics_sock
         self.graceful = graceful
         self.services: Any = None
         self._main: _Server | None = None
@@ -124,20 +125,29 @@ class Serving:
             reload = getattr(self.services, "reload_from_file", None)
             if reload is not None:
                 loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(reload()))
-        admin_task = asyncio.ensure_future(admin_server.serve(sockets=[self.sockets[1]]))
+        side_servers = [(admin_server, self.sockets[1])]
+        if self.metrics_sock is not None:
+            from sidecar.ops.metrics_port import MetricsOnly
+
+            side_servers.append((_Server(_uvicorn_config(MetricsOnly(self.services.metrics), graceful=1.0)),
+                                 self.metrics_sock))
+        side_tasks = [asyncio.ensure_future(server.serve(sockets=[sock])) for server, sock in side_servers]
         main_task = asyncio.ensure_future(main.serve(sockets=[self.sockets[0]]))
-        while not (main.started and admin_server.started) and not main_task.done():
+        while not (main.started and all(server.started for server, _ in side_servers)) and not main_task.done():
             await asyncio.sleep(0.01)
         self.started.set()
         try:
             await main_task
         finally:
-            admin_server.should_exit = True
-            await admin_task
+            for server, _ in side_servers:
+                server.should_exit = True
+            for task in side_tasks:
+                await task
             await self.services.aclose()
 
 
-def _run_worker(config_path: str, main_sock: socket.socket, admin_sock: socket.socket, graceful: float) -> None:
+def _run_worker(config_path: str, main_sock: socket.socket, admin_sock: socket.socket, graceful: float,
+                metrics_sock: socket.socket | None = None) -> None:
     _setup_logging()
     try:
         import uvloop
@@ -146,7 +156,7 @@ def _run_worker(config_path: str, main_sock: socket.socket, admin_sock: socket.s
     except ImportError:
         runner = asyncio.Runner()
     with runner:
-        runner.run(Serving(config_path, main_sock, admin_sock, graceful).run())
+        runner.run(Serving(config_path, main_sock, admin_sock, graceful, metrics_sock).run())
 
 
 def _setup_logging() -> None:
@@ -169,28 +179,33 @@ def _listen(host: str, port: int, what: str) -> socket.socket:
 
 
 def run(config_path: str, host: str, port: int, admin_host: str, admin_port: int, workers: int,
-        graceful: float = 30.0) -> int:
+        graceful: float = 30.0, metrics_port: int | None = None) -> int:
     main_sock = _listen(host, port, "--port")
+    opened = [main_sock]
     try:
         admin_sock = _listen(admin_host, admin_port, "--admin-port")
+        opened.append(admin_sock)
+        metrics_sock = _listen(host, metrics_port, "--metrics-port") if metrics_port is not None else None
     except ListenError:
-        main_sock.close()
+        for sock in opened:
+            sock.close()
         raise
     if workers <= 1:
-        _run_worker(config_path, main_sock, admin_sock, graceful)
+        _run_worker(config_path, main_sock, admin_sock, graceful, metrics_sock)
         return 0
-    return _supervise(config_path, main_sock, admin_sock, workers, graceful)
+    return _supervise(config_path, main_sock, admin_sock, workers, graceful, metrics_sock)
 
 
 def _supervise(config_path: str, main_sock: socket.socket, admin_sock: socket.socket, workers: int,
-               graceful: float) -> int:
+               graceful: float, metrics_sock: socket.socket | None = None) -> int:
     context = multiprocessing.get_context("spawn")
     stopping = 0  # the signal that asked us to stop
     os.environ["SIDECAR_SUPERVISOR_PID"] = str(os.getpid())
     metrics_dir = _multiprocess_metrics_dir()
 
     def spawn() -> Any:
-        process = context.Process(target=_run_worker, args=(config_path, main_sock, admin_sock, graceful), daemon=False)
+        process = context.Process(target=_run_worker, args=(config_path, main_sock, admin_sock, graceful, metrics_sock),
+                                  daemon=False)
         process.start()
         return process
 
@@ -204,6 +219,8 @@ def _supervise(config_path: str, main_sock: socket.socket, admin_sock: socket.so
         # here, a new connection is refused at once and the client can go to another replica.
         main_sock.close()
         admin_sock.close()
+        if metrics_sock is not None:
+            metrics_sock.close()
 
     def on_signal(sig: int, frame: Any) -> None:
         nonlocal stopping

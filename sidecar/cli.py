@@ -26,6 +26,10 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--grace", type=float, default=30.0,
                      help="seconds in-flight requests get to finish after SIGTERM (default 30)")
     run.add_argument("--metrics-port", type=int, help="also serve only /metrics on this port (same host as --host)")
+    run.add_argument("--log-format", choices=["json", "text"],
+                     help="operational logs on stderr: json (default, or $SIDECAR_LOG_FORMAT) or text")
+    run.add_argument("--log-level", choices=["debug", "info", "warning", "error", "critical"],
+                     help="default info, or $SIDECAR_LOG_LEVEL")
 
     check = commands.add_parser("check", help="validate the configuration")
     check.add_argument("--config")
@@ -63,9 +67,20 @@ def _load_or_report(path: str):  # type: ignore[no-untyped-def]
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from sidecar.ops.logging_setup import configure
     from sidecar.proxy.transports.registry import transport_kind
     from sidecar.server.runner import ListenError, run
 
+    # Workers are spawned processes: they read the choice from the environment.
+    if args.log_format:
+        os.environ["SIDECAR_LOG_FORMAT"] = args.log_format
+    if args.log_level:
+        os.environ["SIDECAR_LOG_LEVEL"] = args.log_level
+    try:
+        configure()
+    except ValueError as exc:
+        print(f"sidecar: {exc}", file=sys.stderr)
+        return 1
     path = config_path(args.config)
     if _load_or_report(path) is None:
         return 1

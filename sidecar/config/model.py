@@ -115,6 +115,7 @@ class RouteConfig(Model):
     emit: list[EmitConfig] = []
     login_url: str | None = None
     max_body: int = Field(default=1024 * 1024, ge=0)
+    audit: bool = True  # false: no audit line for this route (health probes); metrics still count it
 
     @field_validator("upstream")
     @classmethod

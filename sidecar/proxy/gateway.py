@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 _REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
 MAX_HEADER_BYTES = 64 * 1024
 MAX_HEADERS = 128
+USER_AGENT_MAX = 256
 
 
 class ClientDisconnected(Exception):
@@ -53,7 +54,8 @@ class Gateway:
         headers: list[tuple[bytes, bytes]] = scope["headers"]
         seen = scan_headers(headers)
         method = scope["method"]
-        log: dict[str, Any] = {"request_id": seen.request_id, "method": method, "route": None}
+        log: dict[str, Any] = {"request_id": seen.request_id, "method": method, "route": None,
+                               "user_agent": seen.user_agent}
         plan: RoutePlan | None = None
         request: RequestView | None = None
         responded = [False]
@@ -88,7 +90,7 @@ class Gateway:
             log["subject"] = identity.subject
             log["client"] = identity.client
             authorize(plan.config, identity, client_ip, policy.clients, getattr(auth, "client_bound", False))
-            status, upstream_seconds = await self.forward(
+            status, upstream_seconds, log["response_bytes"] = await self.forward(
                 policy, plan, request, auth, identity, receive, send, responded, seen.has_body)
             log["decision"] = "allow"
             log["reason"] = "ok"
@@ -101,7 +103,7 @@ class Gateway:
             if refusal.status in (502, 504):
                 services.metrics.upstream_errors.labels(log["route"] or "-", refusal.reason).inc()
             if not responded[0]:
-                await self.refuse(refusal, plan, request, seen.request_id, send)
+                log["response_bytes"] = await self.refuse(refusal, plan, request, seen.request_id, send)
             if refusal.status in (401, 403) and services.webhooks.targets("auth.refused"):
                 await services.events.emit("auth.refused", {
                     "route": log["route"], "status": refusal.status, "reason": refusal.reason,
@@ -112,14 +114,15 @@ class Gateway:
             log.update(decision="abandoned", reason="client_disconnected", status=499)
         except asyncio.CancelledError:  # --grace ran out: server.GraceCutoff answers 503 (or closes); audit it too
             log.update(decision="abandoned", reason="shutting_down", status=499 if responded[0] else 503)
-            self.record(log, started, upstream_seconds)
+            self.record(log, started, upstream_seconds, plan is None or plan.config.audit)
             raise
-        self.record(log, started, upstream_seconds)
+        self.record(log, started, upstream_seconds, plan is None or plan.config.audit)
 
-    def record(self, log: dict[str, Any], started: float, upstream_seconds: float | None) -> None:
+    def record(self, log: dict[str, Any], started: float, upstream_seconds: float | None, audit: bool = True) -> None:
         total = time.perf_counter() - started
         log["total_ms"] = round(total * 1000, 2)
-        self.services.audit.record(log)
+        if audit:  # route `audit: false` (probes): metrics only
+            self.services.audit.record(log)
         self.services.metrics.request(log["route"] or "-", log["decision"], total, upstream_seconds, log["status"])
 
     async def authenticate(self, plan: RoutePlan, request: RequestView) -> tuple[Authenticator, Identity]:
@@ -137,7 +140,7 @@ class Gateway:
     async def forward(
         self, policy: Policy, plan: RoutePlan, request: RequestView, auth: Authenticator, identity: Identity,
         receive: Any, send: Any, responded: list[bool], has_body: bool,
-    ) -> tuple[int, float]:
+    ) -> tuple[int, float, int]:
         body: Any
         body_length = None
         if request.body is not None:
@@ -171,8 +174,8 @@ class Gateway:
             responded[0] = True
             async for chunk in response.body():
                 if chunk:
+                    size += len(chunk)
                     if captured is not None:
-                        size += len(chunk)
                         if size <= cap:
                             captured.append(chunk)
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
@@ -184,11 +187,11 @@ class Gateway:
             data = event_data(b"".join(captured or []), size, cap, identity, plan.route.id)
             for emit in emits:
                 await self.services.events.emit(emit.event, data)
-        return response.status, upstream_seconds
+        return response.status, upstream_seconds, size
 
     async def refuse(
         self, refusal: Refusal, plan: RoutePlan | None, request: RequestView | None, request_id: str, send: Any,
-    ) -> None:
+    ) -> int:
         if isinstance(refusal, MissingCredentials) and plan is not None:
             refusal.bearer_challenge = plan.bearer
         body = refusal.body()
@@ -205,9 +208,10 @@ class Gateway:
             await send({"type": "http.response.start", "status": 302, "headers": [
                 (b"location", location.encode()), (b"cache-control", b"no-store"), (b"content-length", b"0")]})
             await send({"type": "http.response.body", "body": b""})
-            return
+            return 0
         await send({"type": "http.response.start", "status": refusal.status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+        return len(body)
 
 
 def normalise(scope: dict[str, Any]) -> str:
@@ -224,7 +228,7 @@ class SeenHeaders:
 
     __slots__ = (
         "authority", "bad_framing", "bad_host", "content_length", "forwarded_for", "has_body", "host", "hosts",
-        "request_id", "too_large",
+        "request_id", "too_large", "user_agent",
     )
 
     def __init__(self) -> None:
@@ -238,6 +242,7 @@ class SeenHeaders:
         self.has_body = False
         self.too_large = False
         self.bad_framing = False
+        self.user_agent: str | None = None
 
 
 def scan_headers(headers: list[tuple[bytes, bytes]]) -> SeenHeaders:
@@ -260,6 +265,8 @@ def scan_headers(headers: list[tuple[bytes, bytes]]) -> SeenHeaders:
             seen.content_length = value.decode("latin-1")
             if value.strip() not in (b"0", b""):
                 seen.has_body = True
+        elif key == b"user-agent":
+            seen.user_agent = value[:USER_AGENT_MAX].decode("latin-1")  # bounded: the audit line stays a line
         elif key == b"transfer-encoding":
             seen.has_body = True
             if value.strip().lower() != b"chunked":

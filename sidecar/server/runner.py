@@ -15,7 +15,6 @@ import multiprocessing
 import os
 import signal
 import socket
-import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -42,7 +41,7 @@ def _uvicorn_config(app: Any, *, graceful: float) -> uvicorn.Config:
 
     return uvicorn.Config(
         app, lifespan="off", http=CoalescingHttpToolsProtocol, loop="none", access_log=False, proxy_headers=False,
-        server_header=False, log_level="warning",
+        server_header=False, log_config=None, log_level=None,  # records go to the handler ops.logging_setup installs
         timeout_graceful_shutdown=graceful,  # type: ignore[arg-type]  # typed int, but it goes to asyncio.wait_for
         timeout_keep_alive=75, h11_max_incomplete_event_size=64 * 1024,
     )
@@ -56,10 +55,11 @@ class GraceCutoff:
     and the connection is closed; after, the connection is closed mid-reply — never a body made to look whole
     (a last chunk sent now would pass a truncated reply off as complete)."""
 
-    __slots__ = ("app",)
+    __slots__ = ("app", "cut_off")
 
     def __init__(self, app: Any) -> None:
         self.app = app
+        self.cut_off = 0  # requests answered 503 or closed when the grace ran out (for the shutdown line)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         started = False
@@ -74,6 +74,7 @@ class GraceCutoff:
         except asyncio.CancelledError:
             if scope["type"] != "http":
                 raise
+            self.cut_off += 1
             if started:
                 log.warning("grace period over: closed a connection in the middle of its reply")
                 return  # uvicorn closes a connection whose reply is incomplete
@@ -108,20 +109,25 @@ class Serving:
         self.services: Any = None
         self._main: _Server | None = None
         self.started = asyncio.Event()
+        self.stop_reason = "stopped"
+        self.in_flight_at_stop = 0
 
-    def stop(self) -> None:
-        if self._main is not None:
+    def stop(self, reason: str = "stopped") -> None:
+        if self._main is not None and not self._main.should_exit:
+            self.stop_reason = reason
+            self.in_flight_at_stop = self.services.metrics.in_flight if self.services is not None else 0
             self._main.should_exit = True
 
     async def run(self) -> None:
         main_app, admin, self.services = create_apps(load(self.config_path))
         await self.services.start()
-        main = self._main = _Server(_uvicorn_config(GraceCutoff(main_app), graceful=self.graceful))
+        cutoff = GraceCutoff(main_app)
+        main = self._main = _Server(_uvicorn_config(cutoff, graceful=self.graceful))
         admin_server = _Server(_uvicorn_config(admin, graceful=1.0))
         loop = asyncio.get_running_loop()
         with contextlib.suppress(ValueError, RuntimeError):  # not the main thread: signals are not ours to take
             for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, self.stop)
+                loop.add_signal_handler(sig, self.stop, sig.name)
             reload = getattr(self.services, "reload_from_file", None)
             if reload is not None:
                 loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(reload()))
@@ -136,6 +142,7 @@ class Serving:
         while not (main.started and all(server.started for server, _ in side_servers)) and not main_task.done():
             await asyncio.sleep(0.01)
         self.started.set()
+        log.info("sidecar started", extra=startup_fields(self))
         try:
             await main_task
         finally:
@@ -144,11 +151,37 @@ class Serving:
             for task in side_tasks:
                 await task
             await self.services.aclose()
+            log.info("sidecar stopped", extra={"reason": self.stop_reason, "in_flight": self.in_flight_at_stop,
+                                               "drained": max(0, self.in_flight_at_stop - cutoff.cut_off),
+                                               "cut_off": cutoff.cut_off, "pid": os.getpid()})
+
+
+def _address(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def startup_fields(serving: Serving) -> dict[str, Any]:
+    """What the start-up line says: enough to tell from the log alone which build runs which file how."""
+    from sidecar import __version__
+    from sidecar.proxy.transports.registry import transport_kind
+
+    services = serving.services
+    store = services.store
+    listen = {"main": _address(serving.sockets[0]), "admin": _address(serving.sockets[1])}
+    if serving.metrics_sock is not None:
+        listen["metrics"] = _address(serving.metrics_sock)
+    return {"version": __version__, "config_file": serving.config_path, "routes": len(services.policy.config.routes),
+            "authenticators": len(services.policy.authenticators), "listen": listen,
+            "workers": int(os.environ.get("SIDECAR_WORKERS", "1")), "pid": os.getpid(),
+            "redis": store.health.mode if store.shared else "in-process", "transport": transport_kind()}
 
 
 def _run_worker(config_path: str, main_sock: socket.socket, admin_sock: socket.socket, graceful: float,
                 metrics_sock: socket.socket | None = None) -> None:
-    _setup_logging()
+    from sidecar.ops.logging_setup import configure
+
+    configure()
     try:
         import uvloop
 
@@ -157,12 +190,6 @@ def _run_worker(config_path: str, main_sock: socket.socket, admin_sock: socket.s
         runner = asyncio.Runner()
     with runner:
         runner.run(Serving(config_path, main_sock, admin_sock, graceful, metrics_sock).run())
-
-
-def _setup_logging() -> None:
-    logging.basicConfig(
-        level=logging.WARNING, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
 
 
 class ListenError(Exception):
@@ -180,6 +207,7 @@ def _listen(host: str, port: int, what: str) -> socket.socket:
 
 def run(config_path: str, host: str, port: int, admin_host: str, admin_port: int, workers: int,
         graceful: float = 30.0, metrics_port: int | None = None) -> int:
+    os.environ["SIDECAR_WORKERS"] = str(max(1, workers))
     main_sock = _listen(host, port, "--port")
     opened = [main_sock]
     try:

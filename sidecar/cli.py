@@ -45,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     keygen = commands.add_parser("keygen", help="print a new signing key (PEM)")
     keygen.add_argument("--alg", default="RS256", choices=["RS256", "ES256", "EdDSA"])
 
+    commands.add_parser("schema", help="print the configuration's JSON Schema")
+
     explain = commands.add_parser("explain", help="show how a request would be handled, without sending it")
     explain.add_argument("--config")
     explain.add_argument("method")
@@ -53,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     handler = {"run": cmd_run, "check": cmd_check, "demo": cmd_demo, "token": cmd_token, "keygen": cmd_keygen,
-               "explain": cmd_explain}[args.command]
+               "explain": cmd_explain, "schema": cmd_schema}[args.command]
     return handler(args)
 
 
@@ -138,6 +140,13 @@ def cmd_keygen(args: argparse.Namespace) -> int:
         key = ed25519.Ed25519PrivateKey.generate()
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     sys.stdout.write(pem.decode())
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from sidecar.config.schema import schema_text
+
+    sys.stdout.write(schema_text())
     return 0
 
 

@@ -51,7 +51,8 @@ def test_every_authenticator_type_is_its_own_variant_discriminated_on_type(valid
 @pytest.mark.parametrize("policy", POLICIES, ids=[p.name for p in POLICIES])
 def test_every_bundled_policy_validates(validator, policy: Path):
     """Every file in policies/ validates as an editor sees it (before ${VAR} substitution)."""
-    errors = [f"{list(e.absolute_path)}: {e.message}" for e in validator.iter_errors(yaml.safe_load(policy.read_text()))]
+    data = yaml.safe_load(policy.read_text())
+    errors = [f"{list(e.absolute_path)}: {e.message}" for e in validator.iter_errors(data)]
     assert errors == []
 
 

@@ -92,9 +92,9 @@ def _accept_what_the_loader_coerces(node: Any) -> Any:
 
 def config_schema() -> dict[str, Any]:
     variants = tuple(kind.config_model for kind in REGISTRY.values())
-    authenticator = Annotated[Union[variants], Field(discriminator="type")]  # noqa: UP007  (a runtime tuple)
+    authenticator = Annotated[Union[variants], Field(discriminator="type")]  # type: ignore[valid-type]  # noqa: UP007
     root = create_model("Config", __base__=Config, __doc__=Config.__doc__,
-                        authenticators=(dict[str, authenticator], {}))  # type: ignore[call-overload]
+                        authenticators=(dict[str, authenticator], {}))
     schema = root.model_json_schema(by_alias=True, mode="validation")
     definitions = schema.get("$defs", {})
     definitions.pop("Source", None)

@@ -15,6 +15,7 @@ from starlette.routing import Route
 
 from sidecar.errors import NotFound, Refusal
 from sidecar.issuer.identifier_map import Identifiers, parse_mappings
+from sidecar.ops.openapi import with_openapi
 
 if TYPE_CHECKING:
     from sidecar.runtime import Services
@@ -155,13 +156,13 @@ def admin_app(services: Services, extra_routes: list[Route] | None = None) -> St
     async def metrics(request: Request) -> Response:
         return Response(services.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    return Starlette(routes=[
+    return with_openapi(Starlette(routes=[
         Route("/healthz", healthz),
         Route("/readyz", readyz),
         Route("/metrics", metrics),
         *AdminApi(services).routes(),
         *(extra_routes or []),
-    ])
+    ]))
 
 
 async def readiness_problems(services: Services) -> list[str]:

@@ -30,6 +30,7 @@ from pydantic import field_validator, model_validator
 
 from sidecar.config.types import Duration, Model
 from sidecar.errors import DependencyUnavailable
+from sidecar.ops import tracing
 from sidecar.outbound.guard import forbidden_reason, literal_address, url_refusal
 from sidecar.outbound.pinned import PrivateAddress, pinned_target
 from sidecar.timestamps import timestamp
@@ -153,7 +154,8 @@ async def check(
     """Ask the service about `value` (and `extra_fields`, e.g. username and password for the password grant)."""
     secrets_sent = [v for v in (value, *(extra_fields or {}).values()) if v]
     try:
-        status, body = await _call(http, cfg, value, dict(extra_fields or {}))
+        with tracing.span("remote.check", **{"server.address": urlsplit(cfg.url).hostname or ""}):  # never the URL
+            status, body = await _call(http, cfg, value, dict(extra_fields or {}))
     except _Unsendable:
         return CheckResult(accepted=False, message="the value cannot be sent in a header")
     except TimeoutError:

@@ -24,6 +24,7 @@ from sidecar.errors import (
     Refusal,
     Unauthenticated,
 )
+from sidecar.ops import tracing
 from sidecar.proxy.authorization import authorize
 from sidecar.proxy.request_view import RequestView, client_address, is_trusted_peer
 from sidecar.proxy.upstream_request import build_headers, strip_body, strip_query, target
@@ -49,6 +50,7 @@ class Gateway:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         started = time.perf_counter()
+        trace = tracing.start_request(scope)  # None when tracing is off
         services = self.services
         policy: Policy = services.policy
         headers: list[tuple[bytes, bytes]] = scope["headers"]
@@ -56,6 +58,8 @@ class Gateway:
         method = scope["method"]
         log: dict[str, Any] = {"request_id": seen.request_id, "method": method, "route": None,
                                "user_agent": seen.user_agent}
+        if trace is not None:
+            log["trace_id"] = trace.trace_id
         plan: RoutePlan | None = None
         request: RequestView | None = None
         responded = [False]
@@ -115,8 +119,12 @@ class Gateway:
         except asyncio.CancelledError:  # --grace ran out: server.GraceCutoff answers 503 (or closes); audit it too
             log.update(decision="abandoned", reason="shutting_down", status=499 if responded[0] else 503)
             self.record(log, started, upstream_seconds, plan is None or plan.config.audit)
+            if trace is not None:
+                trace.end(log)
             raise
         self.record(log, started, upstream_seconds, plan is None or plan.config.audit)
+        if trace is not None:
+            trace.end(log)
 
     def record(self, log: dict[str, Any], started: float, upstream_seconds: float | None, audit: bool = True) -> None:
         total = time.perf_counter() - started
@@ -158,7 +166,16 @@ class Gateway:
         )
         query = strip_query(request.query_string, plan.strip.query)
         started = time.perf_counter()
-        response = await plan.transport.send(request.method, target(plan.base_path, request.path, query), headers, body)
+        upstream = tracing.start_upstream(headers)  # None when off; else a client span, traceparent in headers
+        try:
+            response = await plan.transport.send(request.method, target(plan.base_path, request.path, query),
+                                                 headers, body)
+        except BaseException:
+            if upstream is not None:
+                upstream.end(None)
+            raise
+        if upstream is not None:
+            upstream.end(response.status)
         upstream_seconds = time.perf_counter() - started
         emits = [e for e in plan.config.emit if _status_matches(e.when, response.status)] if plan.config.emit else None
         captured: list[bytes] | None = [] if emits else None

@@ -119,7 +119,11 @@ class Serving:
             self._main.should_exit = True
 
     async def run(self) -> None:
-        main_app, admin, self.services = create_apps(load(self.config_path))
+        from sidecar.ops import tracing
+
+        loaded = load(self.config_path)
+        tracing.configure(loaded.config.tracing)
+        main_app, admin, self.services = create_apps(loaded)
         await self.services.start()
         cutoff = GraceCutoff(main_app)
         main = self._main = _Server(_uvicorn_config(cutoff, graceful=self.graceful))
@@ -151,6 +155,7 @@ class Serving:
             for task in side_tasks:
                 await task
             await self.services.aclose()
+            tracing.shutdown()
             log.info("sidecar stopped", extra={"reason": self.stop_reason, "in_flight": self.in_flight_at_stop,
                                                "drained": max(0, self.in_flight_at_stop - cutoff.cut_off),
                                                "cut_off": cutoff.cut_off, "pid": os.getpid()})

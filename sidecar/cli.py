@@ -11,7 +11,10 @@ from sidecar.config.yaml_lines import ConfigError
 
 
 def main(argv: list[str] | None = None) -> int:
+    from sidecar import __version__
+
     parser = argparse.ArgumentParser(prog="sidecar", description="A reverse-proxy authentication sidecar.")
+    parser.add_argument("--version", action="version", version=f"sidecar {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="serve the proxy and the admin API")
@@ -27,6 +30,11 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--tls-client-ca", help="ask clients for a certificate signed by this CA (PEM)")
     run.add_argument("--admin-tls-cert", help="serve the admin port over HTTPS with this certificate (PEM)")
     run.add_argument("--admin-tls-key", help="the admin certificate's private key (PEM)")
+    run.add_argument("--metrics-port", type=int, help="also serve only /metrics on this port (same host as --host)")
+    run.add_argument("--log-format", choices=["json", "text"],
+                     help="operational logs on stderr: json (default, or $SIDECAR_LOG_FORMAT) or text")
+    run.add_argument("--log-level", choices=["debug", "info", "warning", "error", "critical"],
+                     help="default info, or $SIDECAR_LOG_LEVEL")
 
     check = commands.add_parser("check", help="validate the configuration")
     check.add_argument("--config")
@@ -42,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     keygen = commands.add_parser("keygen", help="print a new signing key (PEM)")
     keygen.add_argument("--alg", default="RS256", choices=["RS256", "ES256", "EdDSA"])
 
+    commands.add_parser("schema", help="print the configuration's JSON Schema")
+
     explain = commands.add_parser("explain", help="show how a request would be handled, without sending it")
     explain.add_argument("--config")
     explain.add_argument("method")
@@ -50,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     handler = {"run": cmd_run, "check": cmd_check, "demo": cmd_demo, "token": cmd_token, "keygen": cmd_keygen,
-               "explain": cmd_explain}[args.command]
+               "explain": cmd_explain, "schema": cmd_schema}[args.command]
     return handler(args)
 
 
@@ -64,10 +74,21 @@ def _load_or_report(path: str):  # type: ignore[no-untyped-def]
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from sidecar.ops.logging_setup import configure
     from sidecar.proxy.transports.registry import transport_kind
     from sidecar.server.runner import ListenError, run
     from sidecar.server.tls import ListenerTls, check_files
 
+    # Workers are spawned processes: they read the choice from the environment.
+    if args.log_format:
+        os.environ["SIDECAR_LOG_FORMAT"] = args.log_format
+    if args.log_level:
+        os.environ["SIDECAR_LOG_LEVEL"] = args.log_level
+    try:
+        configure()
+    except ValueError as exc:
+        print(f"sidecar: {exc}", file=sys.stderr)
+        return 1
     path = config_path(args.config)
     loaded = _load_or_report(path)
     if loaded is None:
@@ -88,7 +109,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             return 1
     admin_host = os.environ.get("SIDECAR_ADMIN_HOST", "127.0.0.1")
     try:
-        return run(path, args.host, args.port, admin_host, args.admin_port, args.workers, args.grace, tls, admin_tls)
+        return run(path, args.host, args.port, admin_host, args.admin_port, args.workers, args.grace, tls, admin_tls,
+                   args.metrics_port)
     except ListenError as exc:
         print(f"sidecar: {exc}", file=sys.stderr)
         return 1
@@ -134,6 +156,13 @@ def cmd_keygen(args: argparse.Namespace) -> int:
         key = ed25519.Ed25519PrivateKey.generate()
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     sys.stdout.write(pem.decode())
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from sidecar.config.schema import schema_text
+
+    sys.stdout.write(schema_text())
     return 0
 
 

@@ -261,6 +261,7 @@ class Services:
         self._identity_tokens.clear()
         await self._load_jwks()
         self.audit.write(kind="reload", decision="applied", reason=reason, routes=len(config.routes))
+        log.info("configuration reloaded", extra={"reason": reason, "routes": len(config.routes)})
         return Reload(True, [])
 
     def _forget_verdicts_of_changed(self, old: Policy, new: Policy) -> None:

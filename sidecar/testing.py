@@ -190,7 +190,7 @@ class SidecarProcess:
     """`sidecar run` as a real separate process on loopback ports."""
 
     def __init__(self, config_path: str | Path, *, workers: int = 1, env: dict[str, str] | None = None,
-                 grace: float = 30.0, args: tuple[str, ...] = ()) -> None:
+                 grace: float = 30.0, args: tuple[str, ...] | list[str] = (), stdout: int | None = None) -> None:
         """`args`: more `sidecar run` options; with `--tls-cert` the main URL is https."""
         import os
         import subprocess
@@ -203,7 +203,8 @@ class SidecarProcess:
             [sys.executable, "-m", "sidecar", "run", "--config", str(config_path), "--host", "127.0.0.1",
              "--port", str(self.port), "--admin-port", str(self.admin_port), "--workers", str(workers),
              "--grace", str(grace), *args],
-            env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL if stdout is None else stdout,
+            stderr=subprocess.PIPE,
         )
         self._wait_ready()
 

@@ -125,7 +125,9 @@ def _check_deployment(deployment: dict[str, Any], admin_port: int) -> None:
     assert "terminationGracePeriodSeconds" in spec
     (container,) = [c for c in spec["containers"] if c["name"] == "sidecar"]
 
-    ports = {port["containerPort"]: port["name"] for port in container["ports"]}
+    # the `metrics` port exists only with metricsPort > 0 (the static render keeps every branch)
+    ports = {port["containerPort"]: port["name"] for port in container["ports"]
+             if not port["name"].endswith("metrics")}
     assert set(ports) == {8080, admin_port}
     for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
         http_get = container[probe]["httpGet"]
@@ -231,7 +233,7 @@ def test_optional_resources_are_off_by_default_and_parse():
     assert values["networkPolicy"]["enabled"] is False
     monitor = _one(_static_docs("servicemonitor.yaml"), "ServiceMonitor")
     assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
-    assert monitor["spec"]["endpoints"][0]["port"] == "admin"
+    assert monitor["spec"]["endpoints"][0]["port"] in ("admin", PLACEHOLDER)  # "metrics" with metricsPort > 0
     assert monitor["spec"]["endpoints"][0]["path"] == "/metrics"
     policy = _one(_static_docs("networkpolicy.yaml"), "NetworkPolicy")
     assert policy["apiVersion"] == "networking.k8s.io/v1"
@@ -240,7 +242,7 @@ def test_optional_resources_are_off_by_default_and_parse():
 def test_service_and_service_account():
     """The Service exposes http and admin; the ServiceAccount is created without a mounted token."""
     service = _one(_static_docs("service.yaml"), "Service")
-    assert {port["name"]: port["targetPort"] for port in service["spec"]["ports"]} == {
+    assert {port["name"]: port["targetPort"] for port in service["spec"]["ports"] if port["name"] != "metrics"} == {
         "http": "http",
         "admin": "admin",
     }

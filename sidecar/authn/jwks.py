@@ -13,11 +13,13 @@ import logging
 import random
 import time
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import jwt
 
 from sidecar.errors import DependencyUnavailable
+from sidecar.ops import tracing
 
 log = logging.getLogger("sidecar.jwks")
 
@@ -78,7 +80,8 @@ class JwksKeys:
 
     async def _fetch(self) -> None:
         try:
-            response = await self._http.get(self.url, headers={"accept": "application/json"})
+            with tracing.span("jwks.fetch", **{"server.address": urlsplit(self.url).hostname or ""}):
+                response = await self._http.get(self.url, headers={"accept": "application/json"})
             response.raise_for_status()
             keyset = jwt.PyJWKSet.from_dict(response.json())
         except Exception as exc:  # any failure keeps the keys we had; none at all is a 503 above

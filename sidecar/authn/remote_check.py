@@ -29,6 +29,7 @@ from pydantic import field_validator, model_validator
 
 from sidecar.config.types import Duration, Model
 from sidecar.errors import DependencyUnavailable
+from sidecar.ops import tracing
 from sidecar.outbound.guard import ServiceClient, UnsafeDestination, forbidden_reason, literal_address, url_refusal
 from sidecar.outbound.httpx_errors import HttpxErrors
 from sidecar.timestamps import timestamp
@@ -156,7 +157,7 @@ async def check(
     """Ask the service about `value` (and `extra_fields`, e.g. username and password for the password grant)."""
     secrets_sent = [v for v in (value, *(extra_fields or {}).values()) if v]
     try:
-        with _CALL_ERRORS:
+        with tracing.span("remote.check", **{"server.address": urlsplit(cfg.url).hostname or ""}), _CALL_ERRORS:
             status, body = await _call(http, cfg, value, dict(extra_fields or {}))
     except _Unsendable:
         return CheckResult(accepted=False, message="the value cannot be sent in a header")

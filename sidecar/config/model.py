@@ -192,6 +192,7 @@ class RouteConfig(Model):
     emit: list[EmitConfig] = []
     login_url: str | None = None
     max_body: int = Field(default=1024 * 1024, ge=0)
+    audit: bool = True  # false: no audit line for this route (health probes); metrics still count it
 
     @field_validator("upstream")
     @classmethod
@@ -296,6 +297,17 @@ class IssuerConfig(Model):
         return [self.signing_key] if isinstance(self.signing_key, str) else list(self.signing_key)
 
 
+class TracingConfig(Model):
+    """OpenTelemetry tracing (the otel extra). OTEL_* environment variables win over these keys."""
+
+    enabled: bool | None = Field(default=None, description="On or off; unset: on when an OTLP endpoint is set.")
+    endpoint: str | None = Field(default=None, description="OTLP/HTTP base URL of a Collector "
+                                 "(OTEL_EXPORTER_OTLP_ENDPOINT), e.g. http://otel-collector:4318.")
+    service_name: str = Field(default="sidecar", description="service.name (OTEL_SERVICE_NAME).")
+    sample_ratio: float = Field(default=1.0, ge=0, le=1, description="Share of new traces sampled; an incoming "
+                                "traceparent's sampled flag is followed (OTEL_TRACES_SAMPLER_ARG).")
+
+
 class Config(Model):
     version: Literal[1]
     upstream: str
@@ -314,6 +326,7 @@ class Config(Model):
     issuer: IssuerConfig | None = None
     webhooks: list[WebhookConfig] = []
     webhook_retry: RetryConfig = RetryConfig()
+    tracing: TracingConfig | None = None
 
     @field_validator("upstream")
     @classmethod

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, WithJsonSchema
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -31,7 +31,10 @@ def parse_duration(value: Any) -> float:
     raise ValueError(f"{value!r} is not a duration; write it as 300s, 5m, 1h or 250ms")
 
 
-Duration = Annotated[float, BeforeValidator(parse_duration)]
+# The JSON Schema (`sidecar schema`) describes what the YAML may say, not the parsed value.
+_DURATION_SCHEMA = {"anyOf": [{"type": "number", "minimum": 0}, {"type": "string", "pattern": _DURATION.pattern}],
+                    "description": "A duration: 250ms, 300s, 5m, 1h (a bare number is seconds).", "examples": ["300s"]}
+Duration = Annotated[float, BeforeValidator(parse_duration), WithJsonSchema(_DURATION_SCHEMA)]
 
 
 def parse_network(value: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
@@ -41,7 +44,9 @@ def parse_network(value: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
         raise ValueError(f"{value!r} is not an IP address or CIDR network such as 10.0.0.0/8") from None
 
 
-Network = Annotated[ipaddress.IPv4Network | ipaddress.IPv6Network, BeforeValidator(parse_network)]
+Network = Annotated[ipaddress.IPv4Network | ipaddress.IPv6Network, BeforeValidator(parse_network),
+                    WithJsonSchema({"type": "string", "description": "An IP address or CIDR network.",
+                                    "examples": ["10.0.0.0/8"]})]
 
 SOURCE_KINDS = ("header", "query", "form", "cookie", "body")
 
@@ -74,7 +79,10 @@ def parse_source(value: Any) -> Source:
     return Source(kind=kind, name=name.lower() if kind == "header" else name)
 
 
-CredentialSource = Annotated[Source, BeforeValidator(parse_source)]
+CredentialSource = Annotated[Source, BeforeValidator(parse_source), WithJsonSchema({
+    "type": "string", "pattern": r"^(header:|query:|form:|cookie:|query\.|form\.|body\.).+",
+    "description": "Where the credential is read: header:NAME, query:NAME, form:NAME, cookie:NAME or body.FIELD.",
+    "examples": ["header:Authorization", "query:access_token"]})]
 
 PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | ed448.Ed448PublicKey
 

@@ -15,6 +15,7 @@ from starlette.routing import Route
 
 from sidecar.errors import NotFound, Refusal, error_body
 from sidecar.issuer.identifier_map import Identifiers, parse_mappings
+from sidecar.ops.openapi import with_openapi
 from sidecar.request_body import read_limited
 
 if TYPE_CHECKING:
@@ -160,14 +161,14 @@ def admin_app(services: AdminContext, extra_routes: list[Route] | None = None) -
     async def metrics(request: Request) -> Response:
         return Response(services.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    return Starlette(routes=[
+    return with_openapi(Starlette(routes=[
         Route("/healthz", healthz),
         Route("/readyz", readyz),
         Route("/metrics", metrics),
         *api.routes(),
         *(Route(route.path, api.guarded(route.name, route.endpoint), methods=route.methods)
           for route in extra_routes or []),
-    ])
+    ]))
 
 
 async def readiness_problems(services: AdminContext) -> list[str]:

@@ -14,6 +14,16 @@ from typing import Any, TextIO
 import orjson
 
 
+def level_of(fields: dict[str, Any]) -> str:
+    """error for a 5xx answer, warning for a refusal or an abandoned request, info for the rest."""
+    status = fields.get("status")
+    if isinstance(status, int) and status >= 500:
+        return "error"
+    if fields.get("decision") in ("deny", "abandoned", "refused"):
+        return "warning"
+    return "info"
+
+
 class AuditLog:
     def __init__(self, stream: TextIO | None = None, *, enabled: bool = True) -> None:
         self._stream = stream or sys.stdout
@@ -27,7 +37,8 @@ class AuditLog:
     def record(self, fields: dict[str, Any]) -> None:
         if not self._enabled:
             return
-        self._pending.append(orjson.dumps({"time": _now_iso(), **fields}, default=str).decode())
+        self._pending.append(orjson.dumps({"time": _now_iso(), "level": level_of(fields), **fields},
+                                          default=str).decode())
         if not self._flush_scheduled:
             try:
                 asyncio.get_running_loop().call_later(0.2, self.flush)

@@ -8,15 +8,32 @@ from __future__ import annotations
 
 import bisect
 import os
+import platform
+from collections.abc import Iterable
 from typing import Any, Literal
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+    multiprocess,
+)
+from prometheus_client.metrics_core import Metric
+
+from sidecar import __version__
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _BOUNDS = (*LATENCY_BUCKETS, float("inf"))
 
 
 GaugeMode = Literal["livemin", "livemax"]
+
+# The status-class label of sidecar_requests_total, indexed by status // 100 (499 and 503 of abandoned requests
+# are 4xx and 5xx like any other).
+STATUS_CLASSES = ("-", "1xx", "2xx", "3xx", "4xx", "5xx")
 
 
 class _Observations:
@@ -37,7 +54,8 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        self.requests = Counter("sidecar_requests", "Requests by route and decision", ["route", "decision"], registry=r)
+        self.requests = Counter("sidecar_requests", "Requests by route, decision and status class",
+                                ["route", "decision", "status_class"], registry=r)
         self.duration = Histogram("sidecar_request_duration_seconds", "Total time per request", ["route"],
                                   buckets=LATENCY_BUCKETS, registry=r)
         self.upstream_duration = Histogram("sidecar_upstream_duration_seconds", "Upstream time per request",
@@ -46,14 +64,22 @@ class Metrics:
         self.webhooks = Counter("sidecar_webhook_deliveries", "Webhook delivery attempts by outcome", ["outcome"],
                                 registry=r)
         self.upstream_errors = Counter("sidecar_upstream_errors", "Upstream failures", ["route", "reason"], registry=r)
+        build = Gauge("sidecar_build_info", "Always 1; the labels say which sidecar and Python run",
+                      ["version", "python"], registry=r, multiprocess_mode="max")
+        build.labels(__version__, platform.python_version()).set(1)
+        self.in_flight_gauge = Gauge("sidecar_in_flight_requests", "Requests being answered on the main port now",
+                                     registry=r, multiprocess_mode="livesum")
+        self.in_flight = 0  # bumped by the main app around each request, copied into the gauge on flush
+        if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            ProcessCollector(registry=r)
         self._redis: dict[str, Gauge] = {}
-        self._requests: dict[tuple[str, str], int] = {}
+        self._requests: dict[tuple[str, str, str], int] = {}
         self._durations: dict[str, _Observations] = {}
         self._upstream: dict[str, _Observations] = {}
         self._cache: dict[str, int] = {}
 
-    def request(self, route: str, decision: str, total: float, upstream: float | None) -> None:
-        key = (route, decision)
+    def request(self, route: str, decision: str, total: float, upstream: float | None, status: int = 0) -> None:
+        key = (route, decision, STATUS_CLASSES[status // 100] if 0 < status < 600 else "-")
         self._requests[key] = self._requests.get(key, 0) + 1
         observations = self._durations.get(route)
         if observations is None:
@@ -88,8 +114,9 @@ class Metrics:
 
     def flush(self) -> None:
         requests, self._requests = self._requests, {}
-        for (route, decision), count in requests.items():
-            self.requests.labels(route, decision).inc(count)
+        for (route, decision, status_class), count in requests.items():
+            self.requests.labels(route, decision, status_class).inc(count)
+        self.in_flight_gauge.set(self.in_flight)
         cache, self._cache = self._cache, {}
         for result, count in cache.items():
             self.auth_cache.labels(result).inc(count)
@@ -104,6 +131,7 @@ class Metrics:
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)
+            registry.register(ProcessTreeCollector())
             return generate_latest(registry)
         return generate_latest(self.registry)
 
@@ -118,3 +146,37 @@ def _fold(child: Any, observations: _Observations) -> None:
         if count:
             child._buckets[i].inc(count)
     child._sum.inc(observations.total)
+
+
+class ProcessTreeCollector:
+    """The standard process_* series in multiprocess mode, for the whole sidecar: the supervisor and its workers.
+
+    prometheus-client's multiprocess collector has none (each would describe only the process that happened to
+    answer the scrape). CPU, memory and open files are summed over the tree; the start time is the supervisor's."""
+
+    def collect(self) -> Iterable[Metric]:
+        root = int(os.environ.get("SIDECAR_SUPERVISOR_PID") or os.getpid())
+        pids = [root, *_children(root)]
+        merged: dict[str, Metric] = {}
+        for pid in pids:
+            for metric in ProcessCollector(pid=lambda pid=pid: pid, registry=None).collect():  # type: ignore[misc]
+                sample = metric.samples[0] if metric.samples else None
+                if sample is None:
+                    continue
+                if metric.name not in merged:
+                    merged[metric.name] = metric
+                elif metric.name not in ("process_start_time_seconds", "process_max_fds"):
+                    first = merged[metric.name]
+                    first.samples[0] = first.samples[0]._replace(value=first.samples[0].value + sample.value)
+        return list(merged.values())
+
+
+def _children(pid: int) -> list[int]:
+    children: list[int] = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as handle:
+                children.extend(int(child) for child in handle.read().split())
+    except OSError:
+        pass
+    return children

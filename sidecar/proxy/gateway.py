@@ -25,6 +25,7 @@ from sidecar.errors import (
     Refusal,
     Unauthenticated,
 )
+from sidecar.ops import tracing
 from sidecar.proxy.authorization import authorize
 from sidecar.proxy.client_cert import client_cert
 from sidecar.proxy.request_view import RequestView, client_address, is_trusted_peer
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
 _REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
 MAX_HEADER_BYTES = 64 * 1024
 MAX_HEADERS = 128
+USER_AGENT_MAX = 256
 
 
 class ClientDisconnected(Exception):
@@ -49,7 +51,7 @@ class Exchange:
     (after which a refusal can only be audited, no longer answered)."""
 
     __slots__ = ("auth_name", "decision", "detail", "identity", "method", "path", "plan", "reason", "request",
-                 "responded", "seen", "started", "status", "upstream_seconds")
+                 "responded", "response_bytes", "seen", "started", "status", "trace", "upstream_seconds")
 
     def __init__(self, method: str, seen: SeenHeaders) -> None:
         self.started = time.perf_counter()
@@ -64,6 +66,8 @@ class Exchange:
         self.upstream_seconds: float | None = None
         self.decision = self.reason = self.detail = ""
         self.status = 0
+        self.response_bytes = 0
+        self.trace: tracing.RequestTrace | None = None
 
     def finish(self, decision: str, reason: str, status: int) -> None:
         self.decision, self.reason, self.status = decision, reason, status
@@ -73,7 +77,10 @@ class Exchange:
         return self.plan.route.id if self.plan is not None else None
 
     def audit_line(self, route: str | None, total: float) -> dict[str, Any]:
-        line: dict[str, Any] = {"request_id": self.seen.request_id, "method": self.method, "route": route}
+        line: dict[str, Any] = {"request_id": self.seen.request_id, "method": self.method, "route": route,
+                                "user_agent": self.seen.user_agent}
+        if self.trace is not None:
+            line["trace_id"] = self.trace.trace_id
         if self.path is not None:
             line["path"] = self.path
         if self.request is not None:
@@ -83,6 +90,7 @@ class Exchange:
             line["subject"] = self.identity.subject
             line["client"] = self.identity.client
         line["decision"], line["reason"], line["status"] = self.decision, self.reason, self.status
+        line["response_bytes"] = self.response_bytes
         if self.upstream_seconds is not None:
             line["upstream_ms"] = round(self.upstream_seconds * 1000, 2)
         if self.detail:
@@ -98,6 +106,7 @@ class Gateway:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         policy: Policy = self.services.policy
         exchange = Exchange(scope["method"], scan_headers(scope["headers"]))
+        exchange.trace = tracing.start_request(scope)  # None when tracing is off
         try:
             plan, request = self.route(policy, scope, exchange)
             if plan.needs_body:
@@ -150,7 +159,8 @@ class Gateway:
         if refusal.status in (502, 504):
             services.metrics.upstream_errors.labels(exchange.route_id or "-", refusal.reason).inc()
         if not exchange.responded:
-            await self.refuse(refusal, exchange.plan, exchange.request, exchange.seen.request_id, send)
+            exchange.response_bytes = await self.refuse(
+                refusal, exchange.plan, exchange.request, exchange.seen.request_id, send)
         if refusal.status in (401, 403) and services.webhooks.targets("auth.refused"):
             await services.events.emit("auth.refused", {
                 "route": exchange.route_id, "status": refusal.status, "reason": refusal.reason,
@@ -162,8 +172,13 @@ class Gateway:
         total = time.perf_counter() - exchange.started
         plan = exchange.plan
         route = plan.route.id if plan is not None else None
-        self.services.audit.record(exchange.audit_line(route, total))
-        self.services.metrics.request(route or "-", exchange.decision, total, exchange.upstream_seconds)
+        line = exchange.audit_line(route, total)
+        if plan is None or plan.config.audit:  # route `audit: false` (probes): metrics only
+            self.services.audit.record(line)
+        self.services.metrics.request(route or "-", exchange.decision, total, exchange.upstream_seconds,
+                                      exchange.status)
+        if exchange.trace is not None:
+            exchange.trace.end(line)
 
     async def authenticate(self, plan: RoutePlan, request: RequestView) -> tuple[Authenticator, Identity]:
         for auth in plan.authenticators:
@@ -199,7 +214,16 @@ class Gateway:
         )
         query = strip_query(request.query_string, plan.strip.query)
         started = time.perf_counter()
-        response = await plan.transport.send(request.method, target(plan.base_path, request.path, query), headers, body)
+        upstream = tracing.start_upstream(headers)  # None when off; else a client span, traceparent in headers
+        try:
+            response = await plan.transport.send(request.method, target(plan.base_path, request.path, query),
+                                                 headers, body)
+        except BaseException:
+            if upstream is not None:
+                upstream.end(None)
+            raise
+        if upstream is not None:
+            upstream.end(response.status)
         upstream_seconds = time.perf_counter() - started
         emits = [e for e in plan.config.emit if _status_matches(e.when, response.status)] if plan.config.emit else None
         captured: list[bytes] | None = [] if emits else None
@@ -213,8 +237,8 @@ class Gateway:
             exchange.responded = True
             async for chunk in response.body():
                 if chunk:
+                    size += len(chunk)
                     if captured is not None:
-                        size += len(chunk)
                         if size <= cap:
                             captured.append(chunk)
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
@@ -227,11 +251,12 @@ class Gateway:
             for emit in emits:
                 await self.services.events.emit(emit.event, data)
         exchange.upstream_seconds = upstream_seconds
+        exchange.response_bytes = size
         exchange.finish("allow", "ok", response.status)
 
     async def refuse(
         self, refusal: Refusal, plan: RoutePlan | None, request: RequestView | None, request_id: str, send: Any,
-    ) -> None:
+    ) -> int:
         if isinstance(refusal, MissingCredentials) and plan is not None:
             refusal.bearer_challenge = plan.bearer
         body = refusal.body()
@@ -248,9 +273,10 @@ class Gateway:
             await send({"type": "http.response.start", "status": 302, "headers": [
                 (b"location", location.encode()), (b"cache-control", b"no-store"), (b"content-length", b"0")]})
             await send({"type": "http.response.body", "body": b""})
-            return
+            return 0
         await send({"type": "http.response.start", "status": refusal.status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+        return len(body)
 
 
 def normalise(scope: dict[str, Any]) -> str:
@@ -267,7 +293,7 @@ class SeenHeaders:
 
     __slots__ = (
         "authority", "bad_framing", "bad_host", "content_length", "forwarded_for", "has_body", "host", "hosts",
-        "request_id", "too_large",
+        "request_id", "too_large", "user_agent",
     )
 
     def __init__(self) -> None:
@@ -281,6 +307,7 @@ class SeenHeaders:
         self.has_body = False
         self.too_large = False
         self.bad_framing = False
+        self.user_agent: str | None = None
 
 
 def scan_headers(headers: list[tuple[bytes, bytes]]) -> SeenHeaders:
@@ -303,6 +330,8 @@ def scan_headers(headers: list[tuple[bytes, bytes]]) -> SeenHeaders:
             seen.content_length = value.decode("latin-1")
             if value.strip() not in (b"0", b""):
                 seen.has_body = True
+        elif key == b"user-agent":
+            seen.user_agent = value[:USER_AGENT_MAX].decode("latin-1")  # bounded: the audit line stays a line
         elif key == b"transfer-encoding":
             seen.has_body = True
             if value.strip().lower() != b"chunked":

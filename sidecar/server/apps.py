@@ -23,10 +23,15 @@ class MainApp:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "http":
-            if scope["path"].startswith(self.prefix_slash):
-                await self.issuer(scope, receive, send)
-            else:
-                await self.gateway(scope, receive, send)
+            metrics = self.services.metrics
+            metrics.in_flight += 1
+            try:
+                if scope["path"].startswith(self.prefix_slash):
+                    await self.issuer(scope, receive, send)
+                else:
+                    await self.gateway(scope, receive, send)
+            finally:
+                metrics.in_flight -= 1
         else:  # websockets are not proxied (no lifespan scope comes: the runner starts uvicorn with lifespan="off")
             await send({"type": "websocket.close", "code": 1008})
 

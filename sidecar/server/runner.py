@@ -16,7 +16,6 @@ import os
 import signal
 import socket
 import ssl
-import sys
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -54,7 +53,7 @@ def _uvicorn_config(app: Any, *, graceful: float, tls: ssl.SSLContext | None = N
 
     return uvicorn.Config(
         app, lifespan="off", http=CoalescingHttpToolsProtocol, loop="none", access_log=False, proxy_headers=False,
-        server_header=False, log_level="warning",
+        server_header=False, log_config=None, log_level=None,  # records go to the handler ops.logging_setup installs
         timeout_graceful_shutdown=graceful,  # type: ignore[arg-type]  # typed int, but it goes to asyncio.wait_for
         timeout_keep_alive=75, h11_max_incomplete_event_size=64 * 1024, ssl_context_factory=tls_factory,
     )
@@ -68,10 +67,11 @@ class GraceCutoff:
     and the connection is closed; after, the connection is closed mid-reply — never a body made to look whole
     (a last chunk sent now would pass a truncated reply off as complete)."""
 
-    __slots__ = ("app",)
+    __slots__ = ("app", "cut_off")
 
     def __init__(self, app: Any) -> None:
         self.app = app
+        self.cut_off = 0  # requests answered 503 or closed when the grace ran out (for the shutdown line)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         started = False
@@ -86,6 +86,7 @@ class GraceCutoff:
         except asyncio.CancelledError:
             if scope["type"] != "http":
                 raise
+            self.cut_off += 1
             if started:
                 log.warning("grace period over: closed a connection in the middle of its reply")
                 return  # uvicorn closes a connection whose reply is incomplete
@@ -112,31 +113,41 @@ class Serving:
     """One worker: both servers over one `Services`, until `stop()` (or SIGTERM/SIGINT)."""
 
     def __init__(self, config_path: str, main_sock: socket.socket, admin_sock: socket.socket,
-                 graceful: float = 30.0, tls: ListenerTls | None = None, admin_tls: ListenerTls | None = None) -> None:
+                 graceful: float = 30.0, tls: ListenerTls | None = None, admin_tls: ListenerTls | None = None,
+                 metrics_sock: socket.socket | None = None) -> None:
         """`tls`: the main listener's files from the command line (else the configuration's `listen:` block);
-        `admin_tls`: the admin port's, which is otherwise plain."""
+        `admin_tls`: the admin port's, which is otherwise plain; `metrics_sock`: a listener for /metrics only."""
         self.config_path = config_path
         self.sockets = (main_sock, admin_sock)
+        self.metrics_sock = metrics_sock
         self.graceful = graceful
         self.tls = tls
         self.admin_tls = admin_tls
         self.services: Services | None = None
         self._main: SignalFreeServer | None = None
         self.started = asyncio.Event()
+        self.stop_reason = "stopped"
+        self.in_flight_at_stop = 0
 
-    def stop(self) -> None:
-        if self._main is not None:
+    def stop(self, reason: str = "stopped") -> None:
+        if self._main is not None and not self._main.should_exit:
+            self.stop_reason = reason
+            self.in_flight_at_stop = self.services.metrics.in_flight if self.services is not None else 0
             self._main.should_exit = True
 
     async def run(self) -> None:
+        from sidecar.ops import tracing
+
         loaded = load(self.config_path)
+        tracing.configure(loaded.config.tracing)
         main_app, admin, services = create_apps(loaded)
         self.services = services
         await services.start()
         tls = self.tls or ListenerTls.choose(loaded.config.listen, None, None, None)
         main_tls = ReloadingServerContext(tls) if tls else None
         admin_tls = ReloadingServerContext(self.admin_tls) if self.admin_tls else None
-        main = self._main = SignalFreeServer(_uvicorn_config(GraceCutoff(main_app), graceful=self.graceful,
+        cutoff = GraceCutoff(main_app)
+        main = self._main = SignalFreeServer(_uvicorn_config(cutoff, graceful=self.graceful,
                                                              tls=main_tls.front if main_tls else None))
         admin_server = SignalFreeServer(
             _uvicorn_config(admin, graceful=1.0, tls=admin_tls.front if admin_tls else None))
@@ -145,27 +156,65 @@ class Serving:
         loop = asyncio.get_running_loop()
         with contextlib.suppress(ValueError, RuntimeError):  # not the main thread: signals are not ours to take
             for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, self.stop)
+                loop.add_signal_handler(sig, self.stop, sig.name)
             reload = services.reload_from_file
             loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(reload()))
-        admin_task = asyncio.ensure_future(admin_server.serve(sockets=[self.sockets[1]]))
+        side_servers = [(admin_server, self.sockets[1])]
+        if self.metrics_sock is not None:
+            from sidecar.ops.metrics_port import MetricsOnly
+
+            side_servers.append((SignalFreeServer(_uvicorn_config(MetricsOnly(services.metrics), graceful=1.0)),
+                                 self.metrics_sock))
+        side_tasks = [asyncio.ensure_future(server.serve(sockets=[sock])) for server, sock in side_servers]
         main_task = asyncio.ensure_future(main.serve(sockets=[self.sockets[0]]))
-        while not (main.started and admin_server.started) and not main_task.done():
+        while not (main.started and all(server.started for server, _ in side_servers)) and not main_task.done():
             await asyncio.sleep(0.01)
         self.started.set()
+        log.info("sidecar started", extra=startup_fields(self))
         try:
             await main_task
         finally:
             if watcher is not None:
                 watcher.cancel()
-            admin_server.should_exit = True
-            await admin_task
+            for server, _ in side_servers:
+                server.should_exit = True
+            for task in side_tasks:
+                await task
             await services.aclose()
+            tracing.shutdown()
+            log.info("sidecar stopped", extra={"reason": self.stop_reason, "in_flight": self.in_flight_at_stop,
+                                               "drained": max(0, self.in_flight_at_stop - cutoff.cut_off),
+                                               "cut_off": cutoff.cut_off, "pid": os.getpid()})
+
+
+def _address(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def startup_fields(serving: Serving) -> dict[str, Any]:
+    """What the start-up line says: enough to tell from the log alone which build runs which file how."""
+    from sidecar import __version__
+    from sidecar.proxy.transports.registry import transport_kind
+
+    services = serving.services
+    assert services is not None
+    store = services.store
+    listen = {"main": _address(serving.sockets[0]), "admin": _address(serving.sockets[1])}
+    if serving.metrics_sock is not None:
+        listen["metrics"] = _address(serving.metrics_sock)
+    return {"version": __version__, "config_file": serving.config_path, "routes": len(services.policy.config.routes),
+            "authenticators": len(services.policy.authenticators), "listen": listen,
+            "workers": int(os.environ.get("SIDECAR_WORKERS", "1")), "pid": os.getpid(),
+            "redis": store.health.mode if store.health is not None else "in-process", "transport": transport_kind()}
 
 
 def _run_worker(config_path: str, main_sock: socket.socket, admin_sock: socket.socket, graceful: float,
-                tls: ListenerTls | None = None, admin_tls: ListenerTls | None = None) -> None:
-    _setup_logging()
+                tls: ListenerTls | None = None, admin_tls: ListenerTls | None = None,
+                metrics_sock: socket.socket | None = None) -> None:
+    from sidecar.ops.logging_setup import configure
+
+    configure()
     try:
         import uvloop
 
@@ -173,13 +222,7 @@ def _run_worker(config_path: str, main_sock: socket.socket, admin_sock: socket.s
     except ImportError:
         runner = asyncio.Runner()
     with runner:
-        runner.run(Serving(config_path, main_sock, admin_sock, graceful, tls, admin_tls).run())
-
-
-def _setup_logging() -> None:
-    logging.basicConfig(
-        level=logging.WARNING, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
+        runner.run(Serving(config_path, main_sock, admin_sock, graceful, tls, admin_tls, metrics_sock).run())
 
 
 class ListenError(Exception):
@@ -196,21 +239,28 @@ def _listen(host: str, port: int, what: str) -> socket.socket:
 
 
 def run(config_path: str, host: str, port: int, admin_host: str, admin_port: int, workers: int,
-        graceful: float = 30.0, tls: ListenerTls | None = None, admin_tls: ListenerTls | None = None) -> int:
+        graceful: float = 30.0, tls: ListenerTls | None = None, admin_tls: ListenerTls | None = None,
+        metrics_port: int | None = None) -> int:
+    os.environ["SIDECAR_WORKERS"] = str(max(1, workers))
     main_sock = _listen(host, port, "--port")
+    opened = [main_sock]
     try:
         admin_sock = _listen(admin_host, admin_port, "--admin-port")
+        opened.append(admin_sock)
+        metrics_sock = _listen(host, metrics_port, "--metrics-port") if metrics_port is not None else None
     except ListenError:
-        main_sock.close()
+        for sock in opened:
+            sock.close()
         raise
     if workers <= 1:
-        _run_worker(config_path, main_sock, admin_sock, graceful, tls, admin_tls)
+        _run_worker(config_path, main_sock, admin_sock, graceful, tls, admin_tls, metrics_sock)
         return 0
-    return _supervise(config_path, main_sock, admin_sock, workers, graceful, tls, admin_tls)
+    return _supervise(config_path, main_sock, admin_sock, workers, graceful, tls, admin_tls, metrics_sock)
 
 
 def _supervise(config_path: str, main_sock: socket.socket, admin_sock: socket.socket, workers: int,
-               graceful: float, tls: ListenerTls | None = None, admin_tls: ListenerTls | None = None) -> int:
+               graceful: float, tls: ListenerTls | None = None, admin_tls: ListenerTls | None = None,
+               metrics_sock: socket.socket | None = None) -> int:
     context = multiprocessing.get_context("spawn")
     stopping = 0  # the signal that asked us to stop
     os.environ["SIDECAR_SUPERVISOR_PID"] = str(os.getpid())
@@ -218,7 +268,7 @@ def _supervise(config_path: str, main_sock: socket.socket, admin_sock: socket.so
 
     def spawn() -> Any:
         process = context.Process(target=_run_worker, daemon=False,
-                                  args=(config_path, main_sock, admin_sock, graceful, tls, admin_tls))
+                                  args=(config_path, main_sock, admin_sock, graceful, tls, admin_tls, metrics_sock))
         process.start()
         return process
 
@@ -232,6 +282,8 @@ def _supervise(config_path: str, main_sock: socket.socket, admin_sock: socket.so
         # here, a new connection is refused at once and the client can go to another replica.
         main_sock.close()
         admin_sock.close()
+        if metrics_sock is not None:
+            metrics_sock.close()
 
     def on_signal(sig: int, frame: Any) -> None:
         nonlocal stopping

@@ -30,6 +30,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from sidecar.errors import DependencyUnavailable
+from sidecar.ops import tracing
 from sidecar.state.store import PREFIX, REVOCATIONS
 
 if TYPE_CHECKING:
@@ -100,6 +101,10 @@ class ClientTokens:
         minted one (which client it belongs to, then the client's record)."""
         if self.store.shared and not self.store.connected:
             raise DependencyUnavailable("revocations cannot be checked right now")
+        with tracing.span("client_token.lookup", **{"db.system": "redis" if self.store.shared else "memory"}):
+            return await self._lookup(hex_hash)
+
+    async def _lookup(self, hex_hash: str) -> tuple[str, str] | None:
         if hex_hash in self._config:
             client_id, token_id = self._config[hex_hash]
             revoked, old_revoked = await asyncio.gather(self.store.hget(_revoked_key(client_id), token_id),

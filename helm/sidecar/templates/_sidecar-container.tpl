@@ -9,7 +9,7 @@ sidecar mode, by a backend chart that has this chart as a dependency:
   volumes:
     {{- include "sidecar.volumes" .Subcharts.sidecar | nindent 4 }}
 
-In sidecar mode the ports are named sidecar-http and sidecar-admin, because port names must be unique
+In sidecar mode the ports are named sidecar-http, sidecar-admin (and sidecar-metrics), because port names must be unique
 within a pod and a backend usually has its own "http".
 */}}
 {{- define "sidecar.container" -}}
@@ -29,6 +29,14 @@ within a pod and a backend usually has its own "http".
     - {{ .Values.containerPorts.admin | quote }}
     - --workers
     - {{ .Values.workers | quote }}
+    - --log-format
+    - {{ .Values.logging.format | quote }}
+    - --log-level
+    - {{ .Values.logging.level | quote }}
+    {{- if gt (int .Values.metricsPort) 0 }}
+    - --metrics-port
+    - {{ .Values.metricsPort | quote }}
+    {{- end }}
     {{- with .Values.extraArgs }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
@@ -39,9 +47,26 @@ within a pod and a backend usually has its own "http".
     - name: {{ $prefix }}admin
       containerPort: {{ .Values.containerPorts.admin }}
       protocol: TCP
+    {{- if gt (int .Values.metricsPort) 0 }}
+    - name: {{ $prefix }}metrics
+      containerPort: {{ .Values.metricsPort }}
+      protocol: TCP
+    {{- end }}
   env:
     - name: SIDECAR_ADMIN_HOST
       value: {{ .Values.adminHost | quote }}
+    {{- if .Values.tracing.otlpEndpoint }}
+    - name: OTEL_EXPORTER_OTLP_ENDPOINT
+      value: {{ .Values.tracing.otlpEndpoint | quote }}
+    - name: OTEL_EXPORTER_OTLP_PROTOCOL
+      value: "http/protobuf"
+    - name: OTEL_SERVICE_NAME
+      value: {{ .Values.tracing.serviceName | quote }}
+    - name: OTEL_TRACES_SAMPLER
+      value: "parentbased_traceidratio"
+    - name: OTEL_TRACES_SAMPLER_ARG
+      value: {{ .Values.tracing.sampleRatio | quote }}
+    {{- end }}
     {{- with .Values.secrets.existingSecret }}
     {{- if $.Values.secrets.adminTokenKey }}
     - name: SIDECAR_ADMIN_TOKEN

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+from sidecar.file_stamps import Stamp, file_stamps
 
 if TYPE_CHECKING:
     from sidecar.config.model import ListenConfig
@@ -90,15 +91,8 @@ class ReloadingServerContext:
         if self.current is not self.front:
             ssl_object.context = self.current
 
-    def _file_stamps(self) -> tuple[tuple[int, int, int], ...]:
-        stamps = []
-        for path in self.tls.files():
-            try:
-                st = os.stat(path)
-                stamps.append((st.st_mtime_ns, st.st_size, st.st_ino))
-            except OSError:
-                stamps.append((0, 0, 0))
-        return tuple(stamps)
+    def _file_stamps(self) -> tuple[Stamp, ...]:
+        return file_stamps(self.tls.files())
 
     def check(self) -> bool:
         """Rebuild the context if a file changed; whether it did."""

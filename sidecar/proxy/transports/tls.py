@@ -10,13 +10,13 @@ context stays in use and the files are looked at again a second later."""
 from __future__ import annotations
 
 import logging
-import os
 import ssl
 import time
 from typing import TYPE_CHECKING
 
 from sidecar.config.model import upstream_tls_context
 from sidecar.errors import UpstreamUnavailable
+from sidecar.file_stamps import Stamp, file_stamps
 
 if TYPE_CHECKING:
     from sidecar.config.model import UpstreamTlsConfig
@@ -37,15 +37,8 @@ class UpstreamTlsContext:
         self._context = upstream_tls_context(settings)
         self._checked = time.monotonic()
 
-    def _file_stamps(self) -> tuple[tuple[int, int, int], ...]:
-        stamps = []
-        for path in self.settings.files() if self.settings else ():
-            try:
-                st = os.stat(path)
-                stamps.append((st.st_mtime_ns, st.st_size, st.st_ino))
-            except OSError:
-                stamps.append((0, 0, 0))
-        return tuple(stamps)
+    def _file_stamps(self) -> tuple[Stamp, ...]:
+        return file_stamps(self.settings.files() if self.settings else ())
 
     def context(self) -> ssl.SSLContext:
         """The context for a new connection: the current files' (looked at no more than once a second)."""

@@ -45,6 +45,8 @@ class Metrics:
         self.auth_cache = Counter("sidecar_auth_cache", "Verdict cache lookups by result", ["result"], registry=r)
         self.webhooks = Counter("sidecar_webhook_deliveries", "Webhook delivery attempts by outcome", ["outcome"],
                                 registry=r)
+        self.would_deny = Counter("sidecar_would_deny", "Requests a report-only route forwarded but would refuse",
+                                  ["route", "reason"], registry=r)
         self.upstream_errors = Counter("sidecar_upstream_errors", "Upstream failures", ["route", "reason"], registry=r)
         self._redis: dict[str, Gauge] = {}
         self._requests: dict[tuple[str, str], int] = {}

@@ -5,9 +5,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from sidecar.config.loader import config_path, load
 from sidecar.config.yaml_lines import ConfigError
+
+if TYPE_CHECKING:
+    from sidecar.config.model import LoadedConfig
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
                      help="operational logs on stderr: json (default, or $SIDECAR_LOG_FORMAT) or text")
     run.add_argument("--log-level", choices=["debug", "info", "warning", "error", "critical"],
                      help="default info, or $SIDECAR_LOG_LEVEL")
+    run.add_argument("--report-only", action="store_true",
+                     help="every route reports only: refusals are audited as would_deny and forwarded anyway")
 
     check = commands.add_parser("check", help="validate the configuration")
     check.add_argument("--config")
@@ -58,9 +64,15 @@ def main(argv: list[str] | None = None) -> int:
     explain.add_argument("url")
     explain.add_argument("-H", "--header", action="append", default=[])
 
+    test = commands.add_parser("test", help="run a policy's declared test cases, offline")
+    test.add_argument("--config", help="the policy to test (default: each tests file's `policy:`)")
+    test.add_argument("--junit", metavar="FILE", help="also write the results as JUnit XML")
+    test.add_argument("--coverage", action="store_true", help="list routes and authenticators no case reached")
+    test.add_argument("tests", nargs="+", metavar="TESTS.yaml")
+
     args = parser.parse_args(argv)
     handler = {"run": cmd_run, "check": cmd_check, "demo": cmd_demo, "token": cmd_token, "keygen": cmd_keygen,
-               "explain": cmd_explain, "schema": cmd_schema}[args.command]
+               "explain": cmd_explain, "schema": cmd_schema, "test": cmd_test}[args.command]
     return handler(args)
 
 
@@ -89,10 +101,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"sidecar: {exc}", file=sys.stderr)
         return 1
+    if args.report_only:
+        from sidecar.config.loader import REPORT_ONLY_VARIABLE
+
+        os.environ[REPORT_ONLY_VARIABLE] = "1"  # read by every load: workers and reloads included
     path = config_path(args.config)
     loaded = _load_or_report(path)
     if loaded is None:
         return 1
+    for warning in report_only_warnings(loaded):
+        print(warning, file=sys.stderr)
     try:
         transport_kind()
         tls = ListenerTls.choose(loaded.config.listen, args.tls_cert, args.tls_key, args.tls_client_ca)
@@ -123,8 +141,16 @@ def cmd_check(args: argparse.Namespace) -> int:
         return 1
     for warning in loaded.warnings:
         print(f"warning: {warning}", file=sys.stderr)
+    for warning in report_only_warnings(loaded):
+        print(warning, file=sys.stderr)
     print(f"{path}: ok ({len(loaded.config.routes)} routes, {len(loaded.authenticators)} authenticators)")
     return 0
+
+
+def report_only_warnings(loaded: LoadedConfig) -> list[str]:
+    return [f"WARNING: route {route.id} is REPORT-ONLY: requests it would refuse are FORWARDED to the upstream "
+            "(audited as decision would_deny); set mode: enforce once the audit shows no surprise"
+            for route in loaded.config.routes if route.mode == "report_only"]
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -174,6 +200,12 @@ def cmd_explain(args: argparse.Namespace) -> int:
         return 1
     print(explain(loaded, args.method, args.url, args.header))
     return 0
+
+
+def cmd_test(args: argparse.Namespace) -> int:
+    from sidecar.policy_tests import main as run_tests
+
+    return run_tests(args.tests, config=args.config, junit=args.junit, coverage=args.coverage)
 
 
 if __name__ == "__main__":

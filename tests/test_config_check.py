@@ -193,7 +193,7 @@ def test_check_uses_sidecar_config_from_the_environment(tmp_path: Path, good_tex
 POLICIES = Path(__file__).resolve().parent.parent / "policies"
 
 
-@pytest.mark.parametrize("policy", sorted(p.name for p in POLICIES.glob("*.yaml")))
+@pytest.mark.parametrize("policy", sorted(p.name for p in POLICIES.glob("*.yaml") if not p.name.endswith("tests.yaml")))
 def test_every_example_policy_passes_check_with_a_clean_environment(policy: str) -> None:
     """Each file in policies/ passes `sidecar check` with no variable set, and has no guessable admin token."""
     clean = {name: os.environ[name] for name in ("PATH", "PYTHONPATH", "HOME") if name in os.environ}

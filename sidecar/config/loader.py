@@ -22,6 +22,10 @@ def config_path(explicit: str | None) -> str:
     return explicit or os.environ.get("SIDECAR_CONFIG") or DEFAULT_CONFIG
 
 
+# Set by `sidecar run --report-only` (and inherited by its workers and reloads): every route is report-only.
+REPORT_ONLY_VARIABLE = "SIDECAR_REPORT_ONLY"
+
+
 def load(path: str, env: Mapping[str, str] | None = None) -> LoadedConfig:
     try:
         text = Path(path).read_text(encoding="utf-8")
@@ -71,6 +75,9 @@ def parse(text: str, filename: str, env: Mapping[str, str]) -> LoadedConfig:
         raise ConfigError(errors)
     assert config is not None
     config = config.model_copy(update={"authenticators": authenticators})
+    if env.get(REPORT_ONLY_VARIABLE, "") not in ("", "0"):  # `sidecar run --report-only`: every route reports only
+        routes = [route.model_copy(update={"mode": "report_only"}) for route in config.routes]
+        config = config.model_copy(update={"routes": routes})
     return LoadedConfig(config, filename, authenticators, _warnings(doc, config, authenticators))
 
 

@@ -193,6 +193,8 @@ class RouteConfig(Model):
     login_url: str | None = None
     max_body: int = Field(default=1024 * 1024, ge=0)
     audit: bool = True  # false: no audit line for this route (health probes); metrics still count it
+    # report_only: refusals (401/403) are audited as `would_deny` and the request is forwarded anyway (SPEC §13)
+    mode: Literal["enforce", "report_only"] = "enforce"
 
     @field_validator("upstream")
     @classmethod

@@ -153,6 +153,7 @@ def admin_app(services: AdminContext, extra_routes: list[Route] | None = None) -
     async def readyz(request: Request) -> Response:
         problems = await readiness_problems(services)
         body: dict[str, Any] = {"status": "not ready", "problems": problems} if problems else {"status": "ready"}
+        body["report_only_routes"] = sum(1 for route in services.policy.config.routes if route.mode == "report_only")
         redis = redis_report(services)
         if redis is not None:
             body["redis"] = redis

@@ -63,6 +63,8 @@ class Metrics:
         self.auth_cache = Counter("sidecar_auth_cache", "Verdict cache lookups by result", ["result"], registry=r)
         self.webhooks = Counter("sidecar_webhook_deliveries", "Webhook delivery attempts by outcome", ["outcome"],
                                 registry=r)
+        self.would_deny = Counter("sidecar_would_deny", "Requests a report-only route forwarded but would refuse",
+                                  ["route", "reason"], registry=r)
         self.upstream_errors = Counter("sidecar_upstream_errors", "Upstream failures", ["route", "reason"], registry=r)
         build = Gauge("sidecar_build_info", "Always 1; the labels say which sidecar and Python run",
                       ["version", "python"], registry=r, multiprocess_mode="max")

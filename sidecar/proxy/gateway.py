@@ -111,10 +111,7 @@ class Gateway:
             plan, request = self.route(policy, scope, exchange)
             if plan.needs_body:
                 request.body = await read_body(receive, plan.config.max_body, exchange.seen.content_length)
-            auth, identity = await self.authenticate(plan, request)
-            exchange.auth_name, exchange.identity = auth.name, identity
-            authorize(plan.config, identity, request.client_ip, policy.clients, auth.client_bound,
-                      request.client_cert)
+            auth, identity = await self.admit(policy, plan, request, exchange)
             await self.forward(policy, plan, request, auth, identity, receive, send, exchange)
         except Refusal as refusal:
             await self.refused(refusal, exchange, send)
@@ -180,6 +177,24 @@ class Gateway:
         if exchange.trace is not None:
             exchange.trace.end(line)
 
+    async def admit(self, policy: Policy, plan: RoutePlan, request: RequestView,
+                    exchange: Exchange) -> tuple[Authenticator | None, Identity | None]:
+        """Authenticate, then the route's `require`. On a `mode: report_only` route a 401/403 is only recorded
+        (decision `would_deny`, its reason): the request goes on with the identity of an accepted credential, if any."""
+        try:
+            auth, identity = await self.authenticate(plan, request)
+            exchange.auth_name, exchange.identity = auth.name, identity
+            authorize(plan.config, identity, request.client_ip, policy.clients, auth.client_bound,
+                      request.client_cert)
+            return auth, identity
+        except Refusal as refusal:
+            if not plan.report_only or refusal.status not in (401, 403):
+                raise
+            exchange.finish("would_deny", refusal.reason, refusal.status)
+            exchange.detail = refusal.detail
+            self.services.metrics.would_deny.labels(plan.route.id, refusal.reason).inc()
+            return None, exchange.identity
+
     async def authenticate(self, plan: RoutePlan, request: RequestView) -> tuple[Authenticator, Identity]:
         for auth in plan.authenticators:
             try:  # an oversized credential is refused by credential() itself: with this authenticator's challenge
@@ -193,8 +208,8 @@ class Gateway:
         raise MissingCredentials("no credential was presented", detail="missing")
 
     async def forward(
-        self, policy: Policy, plan: RoutePlan, request: RequestView, auth: Authenticator, identity: Identity,
-        receive: Any, send: Any, exchange: Exchange,
+        self, policy: Policy, plan: RoutePlan, request: RequestView, auth: Authenticator | None,
+        identity: Identity | None, receive: Any, send: Any, exchange: Exchange,
     ) -> None:
         """Send the request upstream with the identity set and the route's strips, and stream the reply back."""
         body: Any
@@ -209,7 +224,7 @@ class Gateway:
         headers = build_headers(
             request, identity, plan.strip, policy.identity_headers,
             trusted_peer=is_trusted_peer(request.peer_ip, policy.trusted_proxies),
-            signed_token=self.services.identity_token(identity),
+            signed_token=self.services.identity_token(identity) if identity is not None else None,
             body_length=body_length,
         )
         query = strip_query(request.query_string, plan.strip.query)
@@ -232,7 +247,8 @@ class Gateway:
         try:
             response_headers = response.headers
             response_headers.append((b"x-request-id", request.request_id.encode()))
-            response_headers.extend(auth.response_headers(identity, request))
+            if auth is not None and identity is not None:
+                response_headers.extend(auth.response_headers(identity, request))
             await send({"type": "http.response.start", "status": response.status, "headers": response_headers})
             exchange.responded = True
             async for chunk in response.body():
@@ -252,7 +268,7 @@ class Gateway:
                 await self.services.events.emit(emit.event, data)
         exchange.upstream_seconds = upstream_seconds
         exchange.response_bytes = size
-        exchange.finish("allow", "ok", response.status)
+        exchange.finish(exchange.decision or "allow", exchange.reason or "ok", response.status)  # or would_deny
 
     async def refuse(
         self, refusal: Refusal, plan: RoutePlan | None, request: RequestView | None, request_id: str, send: Any,
@@ -375,7 +391,7 @@ def _status_matches(when: str, status: int) -> bool:
     return when == "any" or str(status)[0] == when[0]
 
 
-def event_data(body: bytes, size: int, cap: int, identity: Identity, route_id: str) -> dict[str, Any]:
+def event_data(body: bytes, size: int, cap: int, identity: Identity | None, route_id: str) -> dict[str, Any]:
     """The data of a route `emit` event: the upstream's JSON reply, plus `client` and `route` (SPEC §8)."""
     data: dict[str, Any]
     if size > cap:
@@ -386,7 +402,7 @@ def event_data(body: bytes, size: int, cap: int, identity: Identity, route_id: s
         except ValueError:
             reply = None
         data = dict(reply) if isinstance(reply, dict) else {"reply": reply}
-    data["client"] = identity.client
+    data["client"] = identity.client if identity is not None else None
     data["route"] = route_id
     return data
 

@@ -30,6 +30,7 @@ class RoutePlan:
     bearer: bool
     transport: Transport
     base_path: str
+    report_only: bool = False  # route `mode: report_only`: refusals are audited as would_deny, not answered
 
 
 class PolicyContext(AuthnContext, Protocol):
@@ -74,6 +75,7 @@ class Policy:
                 bearer=any(a.bearer for a in auths),
                 transport=transport,
                 base_path=transport.upstream.base_path,  # type: ignore[attr-defined]
+                report_only=route.mode == "report_only",
             ))
 
     def match(self, method: str, host: str, path: str) -> RoutePlan | None:

@@ -16,7 +16,7 @@ import yaml
 from sidecar.authn.registry import REGISTRY
 
 ROOT = Path(__file__).resolve().parent.parent
-POLICIES = sorted((ROOT / "policies").glob("*.yaml"))
+POLICIES = sorted(p for p in (ROOT / "policies").glob("*.yaml") if not p.name.endswith(".tests.yaml"))
 
 
 def printed_schema() -> dict[str, Any]:

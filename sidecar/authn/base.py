@@ -81,7 +81,6 @@ class Authenticator(Protocol):
 
     def response_headers(self, identity: Identity, request: RequestView) -> Sequence[tuple[bytes, bytes]]:
         """Headers added to the upstream's response after an accepted request (e.g. a session cookie)."""
-        ...
 
 
 _NO_HEADERS: tuple[tuple[bytes, bytes], ...] = ()

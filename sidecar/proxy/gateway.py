@@ -27,6 +27,7 @@ from sidecar.errors import (
 )
 from sidecar.proxy.authorization import authorize
 from sidecar.proxy.client_cert import client_cert
+from sidecar.proxy.cors import is_preflight
 from sidecar.proxy.request_view import RequestView, client_address, is_trusted_peer
 from sidecar.proxy.upstream_request import build_headers, strip_body, strip_query, target
 
@@ -48,8 +49,8 @@ class Exchange:
     """One request on its way through the gateway: what its audit line records, and whether its reply has started
     (after which a refusal can only be audited, no longer answered)."""
 
-    __slots__ = ("auth_name", "decision", "detail", "identity", "method", "path", "plan", "reason", "request",
-                 "responded", "seen", "started", "status", "upstream_seconds")
+    __slots__ = ("auth_name", "decision", "detail", "identity", "method", "path", "plan", "preflight", "reason",
+                 "request", "responded", "seen", "started", "status", "upstream_seconds")
 
     def __init__(self, method: str, seen: SeenHeaders) -> None:
         self.started = time.perf_counter()
@@ -61,6 +62,7 @@ class Exchange:
         self.auth_name: str | None = None
         self.identity: Identity | None = None
         self.responded = False
+        self.preflight = False
         self.upstream_seconds: float | None = None
         self.decision = self.reason = self.detail = ""
         self.status = 0
@@ -100,6 +102,10 @@ class Gateway:
         exchange = Exchange(scope["method"], scan_headers(scope["headers"]))
         try:
             plan, request = self.route(policy, scope, exchange)
+            if exchange.preflight:  # a CORS preflight on a route with `cors`: answered here, never forwarded
+                await self.answer_preflight(plan, request, send, exchange)
+                self.record(exchange)
+                return
             if plan.needs_body:
                 request.body = await read_body(receive, plan.config.max_body, exchange.seen.content_length)
             auth, identity = await self.authenticate(plan, request)
@@ -129,7 +135,13 @@ class Gateway:
             raise BadRequest("an HTTP/1.1 request carries exactly one Host header (RFC 9112 §3.2)")
         if seen.bad_host:
             raise BadRequest("the Host header is not a host name or address with an optional port (RFC 9110 §7.2)")
-        plan = policy.match(scope["method"], seen.host, path)
+        # A CORS preflight is routed by the method it asks about; a route without `cors` sees it as today.
+        wanted = is_preflight(scope["method"], scope["headers"]) if scope["method"] == "OPTIONS" else None
+        plan = policy.match(wanted, seen.host, path) if wanted else None
+        if plan is not None and plan.cors is not None:
+            exchange.preflight = True
+        else:
+            plan = policy.match(scope["method"], seen.host, path)
         if plan is None:
             raise NoRoute("no route matches this request")
         exchange.plan = plan
@@ -141,6 +153,15 @@ class Gateway:
             scope.get("scheme", "http"), peer, client_ip, seen.request_id)
         request.client_cert = client_cert(scope)
         return plan, request
+
+    async def answer_preflight(self, plan: RoutePlan, request: RequestView, send: Any, exchange: Exchange) -> None:
+        """204 with the route's CORS headers (none for an origin or method it does not allow); no authentication:
+        browsers send preflights without credentials (Fetch §3.2.2)."""
+        headers = plan.cors.preflight(request) if plan.cors is not None else []
+        headers.append((b"x-request-id", request.request_id.encode()))
+        await send({"type": "http.response.start", "status": 204, "headers": headers})
+        await send({"type": "http.response.body", "body": b""})
+        exchange.finish("preflight", "cors_preflight", 204)
 
     async def refused(self, refusal: Refusal, exchange: Exchange, send: Any) -> None:
         """Answer (unless the reply has started) and account for a refusal; 401 and 403 also emit `auth.refused`."""
@@ -209,6 +230,8 @@ class Gateway:
             response_headers = response.headers
             response_headers.append((b"x-request-id", request.request_id.encode()))
             response_headers.extend(auth.response_headers(identity, request))
+            if plan.cors is not None:
+                plan.cors.add_to(response_headers, request)
             await send({"type": "http.response.start", "status": response.status, "headers": response_headers})
             exchange.responded = True
             async for chunk in response.body():
@@ -237,6 +260,8 @@ class Gateway:
         body = refusal.body()
         headers = refusal.headers(body)
         headers.append((b"x-request-id", request_id.encode()))
+        if plan is not None and plan.cors is not None and request is not None:
+            plan.cors.add_to(headers, request)  # so the page can read why it was refused
         login_url = plan.config.login_url if plan is not None else None
         if login_url and refusal.status == 401 and request is not None and request.host and _wants_html(request):
             # return_to is built from the request itself (Host validated, port kept), so it can only point back at

@@ -10,13 +10,14 @@ from typing import TYPE_CHECKING, Protocol
 
 from sidecar.authn.base import AuthnContext
 from sidecar.authn.registry import REGISTRY
+from sidecar.proxy.cors import Cors
 from sidecar.proxy.routing import CompiledRoute, RouteTable
 from sidecar.proxy.upstream_request import IdentityHeaders, StripPlan
 
 if TYPE_CHECKING:
     from sidecar.authn.base import Authenticator
     from sidecar.config.clients import ClientConfig
-    from sidecar.config.model import LoadedConfig, RouteConfig, TimeoutsConfig, UpstreamTlsConfig
+    from sidecar.config.model import LoadedConfig, RouteConfig, TimeoutsConfig, UpstreamTlsConfig, WebSocketConfig
     from sidecar.proxy.transports.base import Transport
 
 
@@ -30,6 +31,8 @@ class RoutePlan:
     bearer: bool
     transport: Transport
     base_path: str
+    cors: Cors | None = None
+    websocket: WebSocketConfig | None = None  # None: WebSocket upgrades refused on this route
 
 
 class PolicyContext(AuthnContext, Protocol):
@@ -74,6 +77,8 @@ class Policy:
                 bearer=any(a.bearer for a in auths),
                 transport=transport,
                 base_path=transport.upstream.base_path,  # type: ignore[attr-defined]
+                cors=Cors.of(route),
+                websocket=config.websocket if route.websocket is True else route.websocket or None,
             ))
 
     def match(self, method: str, host: str, path: str) -> RoutePlan | None:

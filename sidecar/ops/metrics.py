@@ -46,6 +46,10 @@ class Metrics:
         self.webhooks = Counter("sidecar_webhook_deliveries", "Webhook delivery attempts by outcome", ["outcome"],
                                 registry=r)
         self.upstream_errors = Counter("sidecar_upstream_errors", "Upstream failures", ["route", "reason"], registry=r)
+        self.websocket_tunnels = Gauge("sidecar_websocket_tunnels", "Open WebSocket tunnels", registry=r,
+                                       multiprocess_mode="livesum")
+        self.websocket_bytes = Counter("sidecar_websocket_bytes", "Bytes through WebSocket tunnels by direction",
+                                       ["direction"], registry=r)
         self._redis: dict[str, Gauge] = {}
         self._requests: dict[tuple[str, str], int] = {}
         self._durations: dict[str, _Observations] = {}

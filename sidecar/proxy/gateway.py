@@ -18,6 +18,7 @@ from urllib.parse import quote
 
 from sidecar.errors import (
     BadRequest,
+    Forbidden,
     HeadersTooLarge,
     MissingCredentials,
     NoRoute,
@@ -30,11 +31,13 @@ from sidecar.proxy.client_cert import client_cert
 from sidecar.proxy.cors import is_preflight
 from sidecar.proxy.request_view import RequestView, client_address, is_trusted_peer
 from sidecar.proxy.upstream_request import build_headers, strip_body, strip_query, target
+from sidecar.proxy.websocket import SCOPE_KEY as WEBSOCKET
 
 if TYPE_CHECKING:
     from sidecar.authn.base import Authenticator, Identity
     from sidecar.proxy.context import GatewayContext
     from sidecar.proxy.route_plans import Policy, RoutePlan
+    from sidecar.proxy.websocket import ClientConnection
 
 _REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
 MAX_HEADER_BYTES = 64 * 1024
@@ -112,7 +115,11 @@ class Gateway:
             exchange.auth_name, exchange.identity = auth.name, identity
             authorize(plan.config, identity, request.client_ip, policy.clients, auth.client_bound,
                       request.client_cert)
-            await self.forward(policy, plan, request, auth, identity, receive, send, exchange)
+            websocket = scope.get(WEBSOCKET)  # a WebSocket handshake (server/http_protocol.py)
+            if websocket is None:
+                await self.forward(policy, plan, request, auth, identity, receive, send, exchange)
+            else:
+                await self.tunnel(policy, plan, request, identity, websocket, send, exchange)
         except Refusal as refusal:
             await self.refused(refusal, exchange, send)
         except ClientDisconnected:
@@ -252,6 +259,25 @@ class Gateway:
         exchange.upstream_seconds = upstream_seconds
         exchange.finish("allow", "ok", response.status)
 
+    async def tunnel(self, policy: Policy, plan: RoutePlan, request: RequestView, identity: Identity,
+                     client: ClientConnection, send: Any, exchange: Exchange) -> None:
+        """An authorised WebSocket handshake: forwarded with the credentials stripped and the identity set, then
+        spliced until either side closes (proxy/websocket.py); 403 on a route with `websocket: false`."""
+        if plan.websocket is None or plan.upstream is None:
+            raise Forbidden("this route does not accept WebSocket connections", reason="websocket_refused")
+        headers = build_headers(request, identity, plan.strip, policy.identity_headers,
+                                trusted_peer=is_trusted_peer(request.peer_ip, policy.trusted_proxies),
+                                signed_token=self.services.identity_token(identity))
+        query = strip_query(request.query_string, plan.strip.query)
+        head = handshake_head(target(plan.base_path, request.path, query), headers)
+        timeouts = policy.config.timeouts
+        status, why = await self.services.tunnels.run(
+            client, plan.upstream, plan.upstream_tls, head, plan.websocket, identity,
+            (timeouts.connect, timeouts.read), request.request_id, send)
+        exchange.responded = True
+        exchange.detail = f"tunnel closed: {why}" if why else ""
+        exchange.finish("allow", "ok", status)
+
     async def refuse(
         self, refusal: Refusal, plan: RoutePlan | None, request: RequestView | None, request_id: str, send: Any,
     ) -> None:
@@ -276,6 +302,15 @@ class Gateway:
             return
         await send({"type": "http.response.start", "status": refusal.status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+
+
+def handshake_head(target: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
+    """The upgrade request for the upstream: the forwarded headers (no body framing: a handshake has no body) and
+    the two hop-by-hop fields that ask this next hop to upgrade (RFC 9110 §7.8)."""
+    lines = [b"GET %s HTTP/1.1\r\n" % target]
+    lines += [b"%s: %s\r\n" % (k, v) for k, v in headers if k not in (b"content-length", b"transfer-encoding")]
+    lines.append(b"connection: upgrade\r\nupgrade: websocket\r\n\r\n")
+    return b"".join(lines)
 
 
 def normalise(scope: dict[str, Any]) -> str:

@@ -12,6 +12,7 @@ from sidecar.authn.base import AuthnContext
 from sidecar.authn.registry import REGISTRY
 from sidecar.proxy.cors import Cors
 from sidecar.proxy.routing import CompiledRoute, RouteTable
+from sidecar.proxy.transports.base import Upstream
 from sidecar.proxy.upstream_request import IdentityHeaders, StripPlan
 
 if TYPE_CHECKING:
@@ -33,6 +34,8 @@ class RoutePlan:
     base_path: str
     cors: Cors | None = None
     websocket: WebSocketConfig | None = None  # None: WebSocket upgrades refused on this route
+    upstream: Upstream | None = None  # where a WebSocket tunnel connects (its own connection, not the pool's)
+    upstream_tls: UpstreamTlsConfig | None = None
 
 
 class PolicyContext(AuthnContext, Protocol):
@@ -79,6 +82,7 @@ class Policy:
                 base_path=transport.upstream.base_path,  # type: ignore[attr-defined]
                 cors=Cors.of(route),
                 websocket=config.websocket if route.websocket is True else route.websocket or None,
+                upstream=Upstream.parse(upstream), upstream_tls=tls,
             ))
 
     def match(self, method: str, host: str, path: str) -> RoutePlan | None:

@@ -87,6 +87,8 @@ def _config(upstream: str, redis: str) -> dict[str, Any]:
             {"id": "idle", "match": {"path": "/ws/idle/**"}, "auth": ["client_token"],
              "websocket": {"idle_timeout": "500ms"}},
             {"id": "nows", "match": {"path": "/ws/none/**"}, "auth": ["client_token"], "websocket": False},
+            {"id": "portal", "match": {"path": "/ws/portal/**"}, "auth": ["client_token"],
+             "cors": {"allow_origins": ["https://portal.example"]}},
             {"id": "ws", "match": {"path": "/ws/**"}, "auth": ["client_token"]},
         ],
     }
@@ -178,6 +180,27 @@ def test_route_with_websocket_false_refuses_the_upgrade(
 
     assert asyncio.run(run()) == 403
     assert ws_upstream.handshakes == []
+
+
+def test_route_with_cors_accepts_handshakes_from_its_origins_only(
+    sidecar: RunningSidecar, ws_upstream: WebSocketUpstream,
+) -> None:
+    """On a route with `cors`, a handshake from an origin not listed is 403 origin_not_allowed (cross-site
+    WebSocket hijacking); a listed origin, or no Origin (not a browser), opens the tunnel."""
+    async def status(origin: str | None) -> int:
+        try:
+            async with _open(_ws(sidecar, "/ws/portal/x"), origin=origin,  # type: ignore[arg-type]
+                             additional_headers={"X-Client-Token": TOKEN}) as ws:
+                await ws.send("x")
+                await ws.recv()
+                return 101
+        except InvalidStatus as refused:
+            return refused.response.status_code
+
+    assert asyncio.run(status("https://evil.test")) == 403
+    assert ws_upstream.handshakes == []
+    assert asyncio.run(status("https://portal.example")) == 101
+    assert asyncio.run(status(None)) == 101
 
 
 def test_messages_echo_both_ways_including_10_mib(sidecar: RunningSidecar) -> None:

@@ -265,6 +265,11 @@ class Gateway:
         spliced until either side closes (proxy/websocket.py); 403 on a route with `websocket: false`."""
         if plan.websocket is None or plan.upstream is None:
             raise Forbidden("this route does not accept WebSocket connections", reason="websocket_refused")
+        origin = request.header(b"origin")
+        if plan.cors is not None and origin is not None and not plan.cors.allows(origin):
+            # Browsers send cookies with a cross-site handshake and no CORS check guards it (cross-site WebSocket
+            # hijacking): on a route with `cors`, only its allowed origins may open one.
+            raise Forbidden("this origin may not open WebSocket connections here", reason="origin_not_allowed")
         headers = build_headers(request, identity, plan.strip, policy.identity_headers,
                                 trusted_peer=is_trusted_peer(request.peer_ip, policy.trusted_proxies),
                                 signed_token=self.services.identity_token(identity))

@@ -12,7 +12,10 @@ tests/test_dependency_internals.py fails with a clear message when a new uvicorn
 public hook for any of the above. Relied on: the class `uvicorn.protocols.http.httptools_impl.HttpToolsProtocol`
 (named by uvicorn's own `http=` setting) with its `connection_made`, `data_received`, `on_message_begin` and
 `on_headers_complete`; its attributes `loop`, `transport`, `url`, `headers`, `cycle` and
-`server_state.default_headers`; and the response cycle's `default_headers`, prepended as `default_headers + headers`."""
+`server_state.default_headers`; and the response cycle's `default_headers`, prepended as `default_headers + headers`.
+For WebSocket pass-through also `_get_upgrade`, `_unset_keepalive_if_required`, `_unsupported_upgrade_warning`,
+`shutdown`, `connections`, and the cycle's `keep_alive`, `response_started`, `response_complete` and `disconnected`
+(its `send` does nothing once that is set)."""
 
 from __future__ import annotations
 

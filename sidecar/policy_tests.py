@@ -57,6 +57,7 @@ from sidecar.proxy.request_view import RequestView
 from sidecar.proxy.route_plans import Policy, RoutePlan
 from sidecar.proxy.transports.base import Body, Headers, Upstream
 from sidecar.proxy.verdict_cache import VerdictCache
+from sidecar.proxy.websocket import Tunnels
 
 CASE_KEYS = {"name", "request", "jwt", "client_token", "ip_key", "client_jwt", "validators", "expect"}
 REQUEST_KEYS = {"method", "url", "headers", "query", "cookies", "body", "form", "json", "client_ip", "peer"}
@@ -210,6 +211,7 @@ class TestRuntime(Offline):
         self.metrics = Metrics()
         self.events = Events()
         self.webhooks = _NoWebhooks()
+        self.tunnels = Tunnels(0)  # a tests file sends no WebSocket handshake
         issuer = loaded.config.issuer
         self.signing = SigningKeys(issuer.signing_keys() if issuer else [], issuer.issuer if issuer else "")
         self.compiled = Policy(loaded, self)

@@ -22,6 +22,7 @@ from sidecar.proxy.route_plans import Policy
 from sidecar.proxy.transports.base import Transport
 from sidecar.proxy.transports.registry import make_transport
 from sidecar.proxy.verdict_cache import StoreVerdicts, VerdictCache
+from sidecar.proxy.websocket import Tunnels
 from sidecar.state.client_public_keys import PUBLIC_KEY_UPDATED, ClientKeys
 from sidecar.state.client_token_store import ClientTokens
 from sidecar.state.store import make_store
@@ -85,6 +86,8 @@ class Services:
             shared=StoreVerdicts(self.store) if self.store.shared else None,
             on_result=self.metrics.cache_result,
         )
+        self.tunnels = Tunnels(config.websocket.max_tunnels, self.metrics.websocket_tunnels,
+                               self.metrics.websocket_bytes)
         self.client_tokens = ClientTokens(self.store, config.clients, on_revoked=self._evict_token)
         self.client_keys = ClientKeys(self.store)
         self.events = Events()
@@ -109,6 +112,7 @@ class Services:
 
     def _evict_token(self, hex_hash: Any) -> None:
         self.cache.local.evict_where(lambda v: getattr(v, "claims", {}).get("token_hash") == hex_hash)
+        self.tunnels.close_revoked(hex_hash)  # and the WebSocket tunnels opened with it, at once
 
     def _forget_revocable_verdicts(self) -> None:
         """Revocations may have been missed while the channel was down: drop every verdict they could affect."""
@@ -200,6 +204,7 @@ class Services:
 
     async def _flush_metrics(self) -> None:
         self.metrics.flush()
+        self.tunnels.flush_metrics()
 
     async def _every(self, seconds: float, job: Callable[[], Awaitable[None]]) -> None:
         while True:
@@ -256,6 +261,7 @@ class Services:
         self.policy = policy
         self.client_tokens.configure(config.clients)
         self.cache.configure(config.cache.ttl, config.cache.negative_ttl, config.cache.max_entries)
+        self.tunnels.limit = config.websocket.max_tunnels
         self._forget_verdicts_of_changed(old, policy)
         self.signing.issuer = config.issuer.issuer if config.issuer else ""
         self._identity_tokens.clear()

@@ -56,6 +56,22 @@ def test_uvicorn_httptools_protocol_keeps_the_hooks_http_protocol_overrides() ->
         "uvicorn", "HttpToolsProtocol.url", "sidecar/server/http_protocol.py")
 
 
+def test_uvicorn_keeps_what_the_websocket_take_over_uses() -> None:
+    """The WebSocket hand-over (http_protocol.py `take_over`) relies on uvicorn's upgrade helpers, its `shutdown`
+    hook, and a response cycle whose `send` is a no-op once `disconnected` is set."""
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
+
+    missing = [name for name in ("_get_upgrade", "_unset_keepalive_if_required", "_unsupported_upgrade_warning",
+                                 "shutdown") if not callable(getattr(HttpToolsProtocol, name, None))]
+    assert not missing, changed("uvicorn", f"HttpToolsProtocol (no {', '.join(missing)})",
+                                "sidecar/server/http_protocol.py")
+    source = inspect.getsource(RequestResponseCycle)
+    for needed in ("if self.disconnected:", "self.response_started", "self.response_complete", "self.keep_alive"):
+        assert needed in source, changed("uvicorn", f"the response cycle ({needed})", "sidecar/server/http_protocol.py")
+    assert "ws_protocol_class is None" in inspect.getsource(HttpToolsProtocol._should_upgrade_to_ws), changed(
+        "uvicorn", 'how ws="none" turns its WebSocket handling off', "sidecar/server/runner.py")
+
+
 async def _app(scope, receive, send):  # type: ignore[no-untyped-def]
     headers = [(b"x-host", dict(scope["headers"]).get(b"host", b"")), (b"date", b"Thu, 01 Jan 2026 00:00:00 GMT")]
     await send({"type": "http.response.start", "status": 200, "headers": headers})

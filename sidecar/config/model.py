@@ -182,6 +182,64 @@ class EmitConfig(Model):
     max_body: int = Field(default=256 * 1024, ge=0)  # larger replies are not captured (the event says so)
 
 
+# An origin as browsers send it (RFC 6454 §6.2): scheme://host[:port], nothing after. A pattern may start its host
+# with one `*.` label: `https://*.example.com` (sidecar/proxy/cors.py says what it matches).
+_ORIGIN = re.compile(r"^[a-z][a-z0-9+.-]*://(\*\.)?[a-z0-9.-]+(?::[0-9]{1,5})?$")
+
+
+class CorsConfig(Model):
+    """CORS for a route (Fetch standard §3.2): preflights answered by the sidecar, headers on every answer."""
+
+    allow_origins: list[str] = Field(min_length=1)
+    allow_methods: list[str] | None = None  # default: the route's match.methods, else GET, HEAD, POST
+    allow_headers: list[str] = ["Authorization", "Content-Type"]
+    expose_headers: list[str] = []
+    allow_credentials: bool = False
+    max_age: Duration = 600.0
+
+    @field_validator("allow_origins")
+    @classmethod
+    def _origins(cls, value: list[str]) -> list[str]:
+        out = [origin.lower().rstrip("/") for origin in value]
+        for origin in out:
+            if origin != "*" and not _ORIGIN.match(origin):
+                raise ValueError(f"{origin!r} is not an origin; write scheme://host[:port] such as "
+                                 "https://portal.example or https://*.example.com (no path)")
+        if "*" in out and len(out) > 1:
+            raise ValueError('"*" allows every origin: give it alone, or list the origins instead')
+        return out
+
+    @field_validator("allow_methods")
+    @classmethod
+    def _methods(cls, value: list[str] | None) -> list[str] | None:
+        return [m.upper() for m in value] if value else None
+
+    @model_validator(mode="after")
+    def _credentials(self) -> CorsConfig:
+        if self.allow_credentials and self.allow_origins == ["*"]:
+            # Fetch §3.2.5: a credentialed answer must name the origin; "*" with credentials would let any site
+            # read authenticated replies. Listing origins is the fix.
+            raise ValueError('allow_origins: ["*"] cannot be combined with allow_credentials: true (any web site '
+                             "could read replies made with the user's credentials); list the origins instead, "
+                             "such as [https://portal.example]")
+        return self
+
+
+class WebSocketConfig(Model):
+    """WebSocket tunnels through a route: closed after `idle_timeout` without a byte either way, and after
+    `max_lifetime` in any case (unbounded when not given)."""
+
+    idle_timeout: Duration = 3600.0
+    max_lifetime: Duration | None = None
+
+
+class WebSocketLimits(WebSocketConfig):
+    """The top-level `websocket:` block: the routes' defaults, and the most tunnels one worker process holds open
+    (503 above it)."""
+
+    max_tunnels: int = Field(default=10_000, ge=1)
+
+
 class RouteConfig(Model):
     id: str
     match: MatchConfig
@@ -195,6 +253,8 @@ class RouteConfig(Model):
     audit: bool = True  # false: no audit line for this route (health probes); metrics still count it
     # report_only: refusals (401/403) are audited as `would_deny` and the request is forwarded anyway (SPEC §13)
     mode: Literal["enforce", "report_only"] = "enforce"
+    cors: CorsConfig | None = None
+    websocket: WebSocketConfig | bool = True  # false: upgrades refused; true: the top-level `websocket:` settings
 
     @field_validator("upstream")
     @classmethod
@@ -329,6 +389,7 @@ class Config(Model):
     webhooks: list[WebhookConfig] = []
     webhook_retry: RetryConfig = RetryConfig()
     tracing: TracingConfig | None = None
+    websocket: WebSocketLimits = WebSocketLimits()
 
     @field_validator("upstream")
     @classmethod

@@ -74,6 +74,10 @@ class Metrics:
         self.in_flight = 0  # bumped by the main app around each request, copied into the gauge on flush
         if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             ProcessCollector(registry=r)
+        self.websocket_tunnels = Gauge("sidecar_websocket_tunnels", "Open WebSocket tunnels", registry=r,
+                                       multiprocess_mode="livesum")
+        self.websocket_bytes = Counter("sidecar_websocket_bytes", "Bytes through WebSocket tunnels by direction",
+                                       ["direction"], registry=r)
         self._redis: dict[str, Gauge] = {}
         self._requests: dict[tuple[str, str, str], int] = {}
         self._durations: dict[str, _Observations] = {}

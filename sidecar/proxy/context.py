@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from sidecar.ops.metrics import Metrics
     from sidecar.proxy.route_plans import Policy
     from sidecar.proxy.verdict_cache import VerdictCache
+    from sidecar.proxy.websocket import Tunnels
 
 
 class Subscriptions(Protocol):
@@ -39,6 +40,10 @@ class GatewayContext(Protocol):
 
     @property
     def webhooks(self) -> Subscriptions: ...
+
+    @property
+    def tunnels(self) -> Tunnels:
+        """The open WebSocket tunnels of this worker."""
 
     def identity_token(self, identity: Identity) -> str | None:
         """The signed identity token for the upstream, when `identity.signed_token` is on."""

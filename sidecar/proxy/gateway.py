@@ -18,6 +18,7 @@ from urllib.parse import quote
 
 from sidecar.errors import (
     BadRequest,
+    Forbidden,
     HeadersTooLarge,
     MissingCredentials,
     NoRoute,
@@ -28,13 +29,16 @@ from sidecar.errors import (
 from sidecar.ops import tracing
 from sidecar.proxy.authorization import authorize
 from sidecar.proxy.client_cert import client_cert
+from sidecar.proxy.cors import is_preflight
 from sidecar.proxy.request_view import RequestView, client_address, is_trusted_peer
 from sidecar.proxy.upstream_request import build_headers, strip_body, strip_query, target
+from sidecar.proxy.websocket import SCOPE_KEY as WEBSOCKET
 
 if TYPE_CHECKING:
     from sidecar.authn.base import Authenticator, Identity
     from sidecar.proxy.context import GatewayContext
     from sidecar.proxy.route_plans import Policy, RoutePlan
+    from sidecar.proxy.websocket import ClientConnection
 
 _REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
 MAX_HEADER_BYTES = 64 * 1024
@@ -50,8 +54,8 @@ class Exchange:
     """One request on its way through the gateway: what its audit line records, and whether its reply has started
     (after which a refusal can only be audited, no longer answered)."""
 
-    __slots__ = ("auth_name", "decision", "detail", "identity", "method", "path", "plan", "reason", "request",
-                 "responded", "response_bytes", "seen", "started", "status", "trace", "upstream_seconds")
+    __slots__ = ("auth_name", "decision", "detail", "identity", "method", "path", "plan", "preflight", "reason",
+                 "request", "responded", "response_bytes", "seen", "started", "status", "trace", "upstream_seconds")
 
     def __init__(self, method: str, seen: SeenHeaders) -> None:
         self.started = time.perf_counter()
@@ -63,6 +67,7 @@ class Exchange:
         self.auth_name: str | None = None
         self.identity: Identity | None = None
         self.responded = False
+        self.preflight = False
         self.upstream_seconds: float | None = None
         self.decision = self.reason = self.detail = ""
         self.status = 0
@@ -109,10 +114,18 @@ class Gateway:
         exchange.trace = tracing.start_request(scope)  # None when tracing is off
         try:
             plan, request = self.route(policy, scope, exchange)
+            if exchange.preflight:  # a CORS preflight on a route with `cors`: answered here, never forwarded
+                await self.answer_preflight(plan, request, send, exchange)
+                self.record(exchange)
+                return
             if plan.needs_body:
                 request.body = await read_body(receive, plan.config.max_body, exchange.seen.content_length)
             auth, identity = await self.admit(policy, plan, request, exchange)
-            await self.forward(policy, plan, request, auth, identity, receive, send, exchange)
+            websocket = scope.get(WEBSOCKET)  # a WebSocket handshake (server/http_protocol.py)
+            if websocket is None:
+                await self.forward(policy, plan, request, auth, identity, receive, send, exchange)
+            else:
+                await self.tunnel(policy, plan, request, identity, websocket, send, exchange)
         except Refusal as refusal:
             await self.refused(refusal, exchange, send)
         except ClientDisconnected:
@@ -135,7 +148,13 @@ class Gateway:
             raise BadRequest("an HTTP/1.1 request carries exactly one Host header (RFC 9112 §3.2)")
         if seen.bad_host:
             raise BadRequest("the Host header is not a host name or address with an optional port (RFC 9110 §7.2)")
-        plan = policy.match(scope["method"], seen.host, path)
+        # A CORS preflight is routed by the method it asks about; a route without `cors` sees it as today.
+        wanted = is_preflight(scope["method"], scope["headers"]) if scope["method"] == "OPTIONS" else None
+        plan = policy.match(wanted, seen.host, path) if wanted else None
+        if plan is not None and plan.cors is not None:
+            exchange.preflight = True
+        else:
+            plan = policy.match(scope["method"], seen.host, path)
         if plan is None:
             raise NoRoute("no route matches this request")
         exchange.plan = plan
@@ -147,6 +166,15 @@ class Gateway:
             scope.get("scheme", "http"), peer, client_ip, seen.request_id)
         request.client_cert = client_cert(scope)
         return plan, request
+
+    async def answer_preflight(self, plan: RoutePlan, request: RequestView, send: Any, exchange: Exchange) -> None:
+        """204 with the route's CORS headers (none for an origin or method it does not allow); no authentication:
+        browsers send preflights without credentials (Fetch §3.2.2)."""
+        headers = plan.cors.preflight(request) if plan.cors is not None else []
+        headers.append((b"x-request-id", request.request_id.encode()))
+        await send({"type": "http.response.start", "status": 204, "headers": headers})
+        await send({"type": "http.response.body", "body": b""})
+        exchange.finish("preflight", "cors_preflight", 204)
 
     async def refused(self, refusal: Refusal, exchange: Exchange, send: Any) -> None:
         """Answer (unless the reply has started) and account for a refusal; 401 and 403 also emit `auth.refused`."""
@@ -249,6 +277,8 @@ class Gateway:
             response_headers.append((b"x-request-id", request.request_id.encode()))
             if auth is not None and identity is not None:
                 response_headers.extend(auth.response_headers(identity, request))
+            if plan.cors is not None:
+                plan.cors.add_to(response_headers, request)
             await send({"type": "http.response.start", "status": response.status, "headers": response_headers})
             exchange.responded = True
             async for chunk in response.body():
@@ -270,6 +300,30 @@ class Gateway:
         exchange.response_bytes = size
         exchange.finish(exchange.decision or "allow", exchange.reason or "ok", response.status)  # or would_deny
 
+    async def tunnel(self, policy: Policy, plan: RoutePlan, request: RequestView, identity: Identity | None,
+                     client: ClientConnection, send: Any, exchange: Exchange) -> None:
+        """An authorised WebSocket handshake: forwarded with the credentials stripped and the identity set, then
+        spliced until either side closes (proxy/websocket.py); 403 on a route with `websocket: false`."""
+        if plan.websocket is None or plan.upstream is None:
+            raise Forbidden("this route does not accept WebSocket connections", reason="websocket_refused")
+        origin = request.header(b"origin")
+        if plan.cors is not None and origin is not None and not plan.cors.allows(origin):
+            # Browsers send cookies with a cross-site handshake and no CORS check guards it (cross-site WebSocket
+            # hijacking): on a route with `cors`, only its allowed origins may open one.
+            raise Forbidden("this origin may not open WebSocket connections here", reason="origin_not_allowed")
+        headers = build_headers(request, identity, plan.strip, policy.identity_headers,
+                                trusted_peer=is_trusted_peer(request.peer_ip, policy.trusted_proxies),
+                                signed_token=self.services.identity_token(identity) if identity else None)
+        query = strip_query(request.query_string, plan.strip.query)
+        head = handshake_head(target(plan.base_path, request.path, query), headers)
+        timeouts = policy.config.timeouts
+        status, why = await self.services.tunnels.run(
+            client, plan.upstream, plan.upstream_tls, head, plan.websocket, identity,
+            (timeouts.connect, timeouts.read), request.request_id, send)
+        exchange.responded = True
+        exchange.detail = exchange.detail or (f"tunnel closed: {why}" if why else "")
+        exchange.finish(exchange.decision or "allow", exchange.reason or "ok", status)  # or would_deny
+
     async def refuse(
         self, refusal: Refusal, plan: RoutePlan | None, request: RequestView | None, request_id: str, send: Any,
     ) -> int:
@@ -278,6 +332,8 @@ class Gateway:
         body = refusal.body()
         headers = refusal.headers(body)
         headers.append((b"x-request-id", request_id.encode()))
+        if plan is not None and plan.cors is not None and request is not None:
+            plan.cors.add_to(headers, request)  # so the page can read why it was refused
         login_url = plan.config.login_url if plan is not None else None
         if login_url and refusal.status == 401 and request is not None and request.host and _wants_html(request):
             # return_to is built from the request itself (Host validated, port kept), so it can only point back at
@@ -293,6 +349,15 @@ class Gateway:
         await send({"type": "http.response.start", "status": refusal.status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
         return len(body)
+
+
+def handshake_head(target: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
+    """The upgrade request for the upstream: the forwarded headers (no body framing: a handshake has no body) and
+    the two hop-by-hop fields that ask this next hop to upgrade (RFC 9110 §7.8)."""
+    lines = [b"GET %s HTTP/1.1\r\n" % target]
+    lines += [b"%s: %s\r\n" % (k, v) for k, v in headers if k not in (b"content-length", b"transfer-encoding")]
+    lines.append(b"connection: upgrade\r\nupgrade: websocket\r\n\r\n")
+    return b"".join(lines)
 
 
 def normalise(scope: dict[str, Any]) -> str:

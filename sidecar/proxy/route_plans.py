@@ -10,13 +10,15 @@ from typing import TYPE_CHECKING, Protocol
 
 from sidecar.authn.base import AuthnContext
 from sidecar.authn.registry import REGISTRY
+from sidecar.proxy.cors import Cors
 from sidecar.proxy.routing import CompiledRoute, RouteTable
+from sidecar.proxy.transports.base import Upstream
 from sidecar.proxy.upstream_request import IdentityHeaders, StripPlan
 
 if TYPE_CHECKING:
     from sidecar.authn.base import Authenticator
     from sidecar.config.clients import ClientConfig
-    from sidecar.config.model import LoadedConfig, RouteConfig, TimeoutsConfig, UpstreamTlsConfig
+    from sidecar.config.model import LoadedConfig, RouteConfig, TimeoutsConfig, UpstreamTlsConfig, WebSocketConfig
     from sidecar.proxy.transports.base import Transport
 
 
@@ -31,6 +33,10 @@ class RoutePlan:
     transport: Transport
     base_path: str
     report_only: bool = False  # route `mode: report_only`: refusals are audited as would_deny, not answered
+    cors: Cors | None = None
+    websocket: WebSocketConfig | None = None  # None: WebSocket upgrades refused on this route
+    upstream: Upstream | None = None  # where a WebSocket tunnel connects (its own connection, not the pool's)
+    upstream_tls: UpstreamTlsConfig | None = None
 
 
 class PolicyContext(AuthnContext, Protocol):
@@ -76,6 +82,9 @@ class Policy:
                 transport=transport,
                 base_path=transport.upstream.base_path,  # type: ignore[attr-defined]
                 report_only=route.mode == "report_only",
+                cors=Cors.of(route),
+                websocket=config.websocket if route.websocket is True else route.websocket or None,
+                upstream=Upstream.parse(upstream), upstream_tls=tls,
             ))
 
     def match(self, method: str, host: str, path: str) -> RoutePlan | None:

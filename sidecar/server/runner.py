@@ -54,6 +54,7 @@ def _uvicorn_config(app: Any, *, graceful: float, tls: ssl.SSLContext | None = N
     return uvicorn.Config(
         app, lifespan="off", http=CoalescingHttpToolsProtocol, loop="none", access_log=False, proxy_headers=False,
         server_header=False, log_config=None, log_level=None,  # records go to the handler ops.logging_setup installs
+        ws="none",  # WebSocket handshakes reach the gateway as requests (server/http_protocol.py, proxy/websocket.py)
         timeout_graceful_shutdown=graceful,  # type: ignore[arg-type]  # typed int, but it goes to asyncio.wait_for
         timeout_keep_alive=75, h11_max_incomplete_event_size=64 * 1024, ssl_context_factory=tls_factory,
     )

@@ -231,7 +231,7 @@ def test_readyz_reports_a_failed_cluster_and_stays_ready(cluster, two_sidecars):
     since when; `sidecar_redis_cluster_ok` and `sidecar_redis_up` drop to 0; both come back when the master does."""
     first, _ = two_sidecars
     healthy = wait_readyz(first, lambda redis: redis["cluster_state"] == "ok")
-    assert healthy == {"status": "ready", "redis": {
+    assert healthy == {"status": "ready", "report_only_routes": 0, "redis": {
         "mode": "cluster", "tls": False, "reachable": True, "revocations_channel": "listening",
         "since": healthy["redis"]["since"], "cluster_state": "ok", "masters": 3, "masters_ok": 3}}
     port = next(p for p in cluster.ports if p != cluster.master_of(CLIENT_KEYS))

@@ -19,6 +19,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--host", default="0.0.0.0")
     run.add_argument("--port", type=int, default=8080)
     run.add_argument("--admin-port", type=int, default=9901)
+    run.add_argument("--decision-port", type=int, default=None,
+                     help="serve decision mode (nginx auth_request, Traefik/Caddy forward auth, Envoy ext_authz) on "
+                          "this port, on 127.0.0.1 unless SIDECAR_DECISION_HOST says otherwise")
     run.add_argument("--workers", type=int, default=1)
     run.add_argument("--grace", type=float, default=30.0,
                      help="seconds in-flight requests get to finish after SIGTERM (default 30)")
@@ -87,8 +90,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"sidecar: {problem}", file=sys.stderr)
             return 1
     admin_host = os.environ.get("SIDECAR_ADMIN_HOST", "127.0.0.1")
+    decision = None
+    if args.decision_port is not None:
+        decision = (os.environ.get("SIDECAR_DECISION_HOST", "127.0.0.1"), args.decision_port)
     try:
-        return run(path, args.host, args.port, admin_host, args.admin_port, args.workers, args.grace, tls, admin_tls)
+        return run(path, args.host, args.port, admin_host, args.admin_port, args.workers, args.grace, tls, admin_tls,
+                   decision)
     except ListenError as exc:
         print(f"sidecar: {exc}", file=sys.stderr)
         return 1

@@ -37,7 +37,8 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        self.requests = Counter("sidecar_requests", "Requests by route and decision", ["route", "decision"], registry=r)
+        self.requests = Counter("sidecar_requests", "Requests by route, decision and mode",
+                                ["route", "decision", "mode"], registry=r)
         self.duration = Histogram("sidecar_request_duration_seconds", "Total time per request", ["route"],
                                   buckets=LATENCY_BUCKETS, registry=r)
         self.upstream_duration = Histogram("sidecar_upstream_duration_seconds", "Upstream time per request",
@@ -47,13 +48,13 @@ class Metrics:
                                 registry=r)
         self.upstream_errors = Counter("sidecar_upstream_errors", "Upstream failures", ["route", "reason"], registry=r)
         self._redis: dict[str, Gauge] = {}
-        self._requests: dict[tuple[str, str], int] = {}
+        self._requests: dict[tuple[str, str, str], int] = {}
         self._durations: dict[str, _Observations] = {}
         self._upstream: dict[str, _Observations] = {}
         self._cache: dict[str, int] = {}
 
-    def request(self, route: str, decision: str, total: float, upstream: float | None) -> None:
-        key = (route, decision)
+    def request(self, route: str, decision: str, total: float, upstream: float | None, mode: str = "proxy") -> None:
+        key = (route, decision, mode)
         self._requests[key] = self._requests.get(key, 0) + 1
         observations = self._durations.get(route)
         if observations is None:
@@ -88,8 +89,8 @@ class Metrics:
 
     def flush(self) -> None:
         requests, self._requests = self._requests, {}
-        for (route, decision), count in requests.items():
-            self.requests.labels(route, decision).inc(count)
+        for (route, decision, mode), count in requests.items():
+            self.requests.labels(route, decision, mode).inc(count)
         cache, self._cache = self._cache, {}
         for result, count in cache.items():
             self.auth_cache.labels(result).inc(count)

@@ -48,12 +48,13 @@ class Exchange:
     """One request on its way through the gateway: what its audit line records, and whether its reply has started
     (after which a refusal can only be audited, no longer answered)."""
 
-    __slots__ = ("auth_name", "decision", "detail", "identity", "method", "path", "plan", "reason", "request",
+    __slots__ = ("auth_name", "decision", "detail", "identity", "method", "mode", "path", "plan", "reason", "request",
                  "responded", "seen", "started", "status", "upstream_seconds")
 
-    def __init__(self, method: str, seen: SeenHeaders) -> None:
+    def __init__(self, method: str, seen: SeenHeaders, mode: str = "proxy") -> None:
         self.started = time.perf_counter()
         self.method = method
+        self.mode = mode  # "proxy", or "decision" when a data plane asked (sidecar/proxy/decision.py)
         self.seen = seen
         self.path: str | None = None
         self.plan: RoutePlan | None = None
@@ -73,7 +74,8 @@ class Exchange:
         return self.plan.route.id if self.plan is not None else None
 
     def audit_line(self, route: str | None, total: float) -> dict[str, Any]:
-        line: dict[str, Any] = {"request_id": self.seen.request_id, "method": self.method, "route": route}
+        line: dict[str, Any] = {"request_id": self.seen.request_id, "mode": self.mode, "method": self.method,
+                                "route": route}
         if self.path is not None:
             line["path"] = self.path
         if self.request is not None:
@@ -99,13 +101,7 @@ class Gateway:
         policy: Policy = self.services.policy
         exchange = Exchange(scope["method"], scan_headers(scope["headers"]))
         try:
-            plan, request = self.route(policy, scope, exchange)
-            if plan.needs_body:
-                request.body = await read_body(receive, plan.config.max_body, exchange.seen.content_length)
-            auth, identity = await self.authenticate(plan, request)
-            exchange.auth_name, exchange.identity = auth.name, identity
-            authorize(plan.config, identity, request.client_ip, policy.clients, auth.client_bound,
-                      request.client_cert)
+            plan, request, auth, identity = await self.decide(policy, scope, receive, exchange)
             await self.forward(policy, plan, request, auth, identity, receive, send, exchange)
         except Refusal as refusal:
             await self.refused(refusal, exchange, send)
@@ -116,6 +112,18 @@ class Gateway:
             self.record(exchange)
             raise
         self.record(exchange)
+
+    async def decide(self, policy: Policy, scope: dict[str, Any], receive: Any,
+                     exchange: Exchange) -> tuple[RoutePlan, RequestView, Authenticator, Identity]:
+        """Route, read the body when an authenticator needs it, authenticate and authorise: the decision proxy mode and
+        decision mode (sidecar/proxy/decision.py) share. Raises a `Refusal` for every way a request is turned away."""
+        plan, request = self.route(policy, scope, exchange)
+        if plan.needs_body:
+            request.body = await read_body(receive, plan.config.max_body, exchange.seen.content_length)
+        auth, identity = await self.authenticate(plan, request)
+        exchange.auth_name, exchange.identity = auth.name, identity
+        authorize(plan.config, identity, request.client_ip, policy.clients, auth.client_bound, request.client_cert)
+        return plan, request, auth, identity
 
     def route(self, policy: Policy, scope: dict[str, Any], exchange: Exchange) -> tuple[RoutePlan, RequestView]:
         """The request's route and its view, once the head is known to be well-formed (400 / 404 / 431 if not)."""
@@ -163,7 +171,7 @@ class Gateway:
         plan = exchange.plan
         route = plan.route.id if plan is not None else None
         self.services.audit.record(exchange.audit_line(route, total))
-        self.services.metrics.request(route or "-", exchange.decision, total, exchange.upstream_seconds)
+        self.services.metrics.request(route or "-", exchange.decision, total, exchange.upstream_seconds, exchange.mode)
 
     async def authenticate(self, plan: RoutePlan, request: RequestView) -> tuple[Authenticator, Identity]:
         for auth in plan.authenticators:

@@ -1,9 +1,10 @@
-"""Serving: the main port and the admin port in each worker process, under uvicorn (httptools, uvloop).
+"""Serving: the main port, the admin port and (with `--decision-port`) the decision port in each worker process,
+under uvicorn (httptools, uvloop).
 
 uvicorn's own proxy-header handling is off (it would trust 127.0.0.1's X-Forwarded-For before we run: we
 apply `trusted_proxies` ourselves) and so is its access log (it prints query strings, which may carry
 credentials). With `--workers N` the parent binds both sockets and supervises N spawned workers that share
-them; it restarts a worker that dies and passes SIGTERM/SIGINT/SIGHUP on."""
+them (the decision socket too); it restarts a worker that dies and passes SIGTERM/SIGINT/SIGHUP on."""
 
 from __future__ import annotations
 
@@ -112,11 +113,14 @@ class Serving:
     """One worker: both servers over one `Services`, until `stop()` (or SIGTERM/SIGINT)."""
 
     def __init__(self, config_path: str, main_sock: socket.socket, admin_sock: socket.socket,
-                 graceful: float = 30.0, tls: ListenerTls | None = None, admin_tls: ListenerTls | None = None) -> None:
+                 graceful: float = 30.0, tls: ListenerTls | None = None, admin_tls: ListenerTls | None = None,
+                 decision_sock: socket.socket | None = None) -> None:
         """`tls`: the main listener's files from the command line (else the configuration's `listen:` block);
-        `admin_tls`: the admin port's, which is otherwise plain."""
+        `admin_tls`: the admin port's, which is otherwise plain; `decision_sock`: the decision listener's socket
+        (sidecar/proxy/decision.py), served over the same `Services` and gateway as the main port."""
         self.config_path = config_path
         self.sockets = (main_sock, admin_sock)
+        self.decision_sock = decision_sock
         self.graceful = graceful
         self.tls = tls
         self.admin_tls = admin_tls
@@ -149,8 +153,16 @@ class Serving:
             reload = services.reload_from_file
             loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(reload()))
         admin_task = asyncio.ensure_future(admin_server.serve(sockets=[self.sockets[1]]))
+        decision_server = decision_task = None
+        if self.decision_sock is not None:
+            from sidecar.proxy.decision import DecisionApp
+
+            decision_server = SignalFreeServer(_uvicorn_config(GraceCutoff(DecisionApp(main_app.gateway)),
+                                                               graceful=self.graceful))
+            decision_task = asyncio.ensure_future(decision_server.serve(sockets=[self.decision_sock]))
         main_task = asyncio.ensure_future(main.serve(sockets=[self.sockets[0]]))
-        while not (main.started and admin_server.started) and not main_task.done():
+        while not (main.started and admin_server.started and (decision_server is None or decision_server.started)) \
+                and not main_task.done():
             await asyncio.sleep(0.01)
         self.started.set()
         try:
@@ -159,12 +171,16 @@ class Serving:
             if watcher is not None:
                 watcher.cancel()
             admin_server.should_exit = True
+            if decision_server is not None:
+                decision_server.should_exit = True
+                await decision_task  # type: ignore[misc]
             await admin_task
             await services.aclose()
 
 
 def _run_worker(config_path: str, main_sock: socket.socket, admin_sock: socket.socket, graceful: float,
-                tls: ListenerTls | None = None, admin_tls: ListenerTls | None = None) -> None:
+                tls: ListenerTls | None = None, admin_tls: ListenerTls | None = None,
+                decision_sock: socket.socket | None = None) -> None:
     _setup_logging()
     try:
         import uvloop
@@ -173,7 +189,7 @@ def _run_worker(config_path: str, main_sock: socket.socket, admin_sock: socket.s
     except ImportError:
         runner = asyncio.Runner()
     with runner:
-        runner.run(Serving(config_path, main_sock, admin_sock, graceful, tls, admin_tls).run())
+        runner.run(Serving(config_path, main_sock, admin_sock, graceful, tls, admin_tls, decision_sock).run())
 
 
 def _setup_logging() -> None:
@@ -196,21 +212,30 @@ def _listen(host: str, port: int, what: str) -> socket.socket:
 
 
 def run(config_path: str, host: str, port: int, admin_host: str, admin_port: int, workers: int,
-        graceful: float = 30.0, tls: ListenerTls | None = None, admin_tls: ListenerTls | None = None) -> int:
+        graceful: float = 30.0, tls: ListenerTls | None = None, admin_tls: ListenerTls | None = None,
+        decision: tuple[str, int] | None = None) -> int:
+    """`decision`: (host, port) of the decision listener, when `--decision-port` is given."""
     main_sock = _listen(host, port, "--port")
     try:
         admin_sock = _listen(admin_host, admin_port, "--admin-port")
     except ListenError:
         main_sock.close()
         raise
+    try:
+        decision_sock = _listen(*decision, "--decision-port") if decision else None
+    except ListenError:
+        main_sock.close()
+        admin_sock.close()
+        raise
     if workers <= 1:
-        _run_worker(config_path, main_sock, admin_sock, graceful, tls, admin_tls)
+        _run_worker(config_path, main_sock, admin_sock, graceful, tls, admin_tls, decision_sock)
         return 0
-    return _supervise(config_path, main_sock, admin_sock, workers, graceful, tls, admin_tls)
+    return _supervise(config_path, main_sock, admin_sock, workers, graceful, tls, admin_tls, decision_sock)
 
 
 def _supervise(config_path: str, main_sock: socket.socket, admin_sock: socket.socket, workers: int,
-               graceful: float, tls: ListenerTls | None = None, admin_tls: ListenerTls | None = None) -> int:
+               graceful: float, tls: ListenerTls | None = None, admin_tls: ListenerTls | None = None,
+               decision_sock: socket.socket | None = None) -> int:
     context = multiprocessing.get_context("spawn")
     stopping = 0  # the signal that asked us to stop
     os.environ["SIDECAR_SUPERVISOR_PID"] = str(os.getpid())
@@ -218,7 +243,7 @@ def _supervise(config_path: str, main_sock: socket.socket, admin_sock: socket.so
 
     def spawn() -> Any:
         process = context.Process(target=_run_worker, daemon=False,
-                                  args=(config_path, main_sock, admin_sock, graceful, tls, admin_tls))
+                                  args=(config_path, main_sock, admin_sock, graceful, tls, admin_tls, decision_sock))
         process.start()
         return process
 
@@ -232,6 +257,8 @@ def _supervise(config_path: str, main_sock: socket.socket, admin_sock: socket.so
         # here, a new connection is refused at once and the client can go to another replica.
         main_sock.close()
         admin_sock.close()
+        if decision_sock is not None:
+            decision_sock.close()
 
     def on_signal(sig: int, frame: Any) -> None:
         nonlocal stopping

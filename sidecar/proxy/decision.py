@@ -1,0 +1,220 @@
+"""Decision mode (SPEC §11): a data plane (nginx, Traefik, Caddy, Envoy) carries the bytes and asks the sidecar
+whether a request may pass. The answer is decided by the gateway's own `decide` (route match on the normalised
+path with the same 400s, authenticate through the verdict cache, `require`), refused by the gateway's own
+`refused` (same status, JSON body, `WWW-Authenticate`, `auth.refused` event) and recorded by its `record` (audit
+line and metrics with `mode="decision"`). Only the framing differs, per data plane:
+
+- `/nginx` (nginx `auth_request`, ingress-nginx `auth-url`): the original request from `X-Original-Method`,
+  `X-Original-URI`, `X-Original-Host` (else `Host`). nginx understands only 2xx, 401 and 403 from an auth
+  subrequest, so every refusal is a 401 or a 403, with the refusal's `error` code in `X-Auth-Reason` and the
+  status proxy mode would have answered in `X-Auth-Status`.
+- `/traefik` (Traefik ForwardAuth, Caddy `forward_auth`): the original request from `X-Forwarded-Method`,
+  `-Proto`, `-Host`, `-Uri`; refusals exactly as in proxy mode (these proxies pass any status through).
+- `/envoy/<original path>` (Envoy HTTP ext_authz, `path_prefix: /envoy`): the request's own method, path, query
+  and headers (and body with `with_request_body`); refusals as in proxy mode; on allow
+  `x-envoy-auth-headers-to-remove` names every credential header and every client-sent identity header.
+
+On allow: 200, the identity headers (and the signed identity token when configured), `X-Request-Id`, and
+`X-Auth-Upstream-Uri`: the normalised path that was authorised with the credential query parameters removed.
+The client address is `X-Forwarded-For` (else `X-Real-IP`) walked per `trusted_proxies` from the data plane's
+own address, as in proxy mode: from a peer that is not trusted, no header changes it."""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
+
+from sidecar.errors import BadRequest, NotFound, Refusal
+from sidecar.proxy.gateway import ClientDisconnected, Exchange, event_data, scan_headers
+from sidecar.proxy.upstream_request import add_identity, client_identity_headers, strip_cookies, strip_query
+
+if TYPE_CHECKING:
+    from sidecar.authn.base import Identity
+    from sidecar.proxy.gateway import Gateway
+    from sidecar.proxy.request_view import Headers, RequestView
+    from sidecar.proxy.route_plans import Policy, RoutePlan
+
+Scope = dict[str, Any]
+
+NGINX, TRAEFIK, ENVOY = "nginx", "traefik", "envoy"
+ENVOY_PREFIX = "/envoy"
+UPSTREAM_URI = b"x-auth-upstream-uri"
+AUTH_REASON = b"x-auth-reason"
+AUTH_STATUS = b"x-auth-status"
+ENVOY_REMOVE = b"x-envoy-auth-headers-to-remove"
+
+# What each data plane uses to describe the original request: (method, uri, host, proto). Removed from the headers
+# the authenticators see, so a credential source can never be one of them.
+_ORIGINAL = {
+    NGINX: (b"x-original-method", b"x-original-uri", b"x-original-host", b"x-forwarded-proto"),
+    TRAEFIK: (b"x-forwarded-method", b"x-forwarded-uri", b"x-forwarded-host", b"x-forwarded-proto"),
+}
+# Framing of the ask itself: never the original request's (the data planes send no body on these asks).
+_FRAMING = frozenset({b"host", b"content-length", b"transfer-encoding", b"x-original-url"})
+
+
+def original_scope(kind: str, scope: Scope) -> Scope:
+    """The ASGI scope of the request the data plane is asking about, for `Gateway.decide` (400 when it cannot be
+    read). The peer stays the data plane's address: `trusted_proxies` decides whether its X-Forwarded-For counts."""
+    headers: Headers = scope["headers"]
+    if kind == ENVOY:
+        raw = scope.get("raw_path") or scope["path"].encode("utf-8")
+        path = raw[len(ENVOY_PREFIX):] or b"/"
+        return {**scope, "raw_path": path, "path": unquote(path.decode("latin-1"))}
+    method_name, uri_name, host_name, proto_name = _ORIGINAL[kind]
+    method = uri = host = proto = None
+    forwarded_for = False
+    real_ip = None
+    kept: Headers = []
+    own_host = None
+    for key, value in headers:
+        if key == method_name:
+            method = value
+        elif key == uri_name:
+            uri = value
+        elif key == host_name:
+            host = value
+        elif key == b"host":
+            own_host = value
+        elif key == proto_name:
+            proto = value
+            kept.append((key, value))
+        else:
+            if key == b"x-forwarded-for":
+                forwarded_for = True
+            elif key == b"x-real-ip":
+                real_ip = value
+            if key not in _FRAMING and key not in _ORIGINAL[kind]:
+                kept.append((key, value))
+    if uri is None or not uri.startswith(b"/"):
+        raise BadRequest(f"the {uri_name.decode()} header must carry the original request target")
+    if method is None or not method.isalpha():
+        raise BadRequest(f"the {method_name.decode()} header must carry the original request method")
+    host = host if host is not None else own_host
+    if host is not None:
+        kept.append((b"host", host))
+    if real_ip is not None and not forwarded_for:
+        kept.append((b"x-forwarded-for", real_ip))  # walked per trusted_proxies like X-Forwarded-For
+    path, _, query = uri.partition(b"?")
+    path = path.split(b"#", 1)[0]
+    return {
+        "type": "http", "http_version": "1.1", "method": method.decode("ascii").upper(), "raw_path": path,
+        "path": unquote(path.decode("latin-1")), "query_string": query, "headers": kept,
+        "client": scope.get("client"), "scheme": "https" if proto == b"https" else "http",
+    }
+
+
+def upstream_uri(plan: RoutePlan, request: RequestView) -> bytes:
+    """The URI the data plane should forward: the authorised (normalised) path, credential parameters removed."""
+    query = strip_query(request.query_string, plan.strip.query)
+    raw = request.path.encode("ascii")
+    return raw + b"?" + query if query else raw
+
+
+def removals(plan: RoutePlan, request: RequestView, policy: Policy) -> list[bytes]:
+    """Headers the data plane must remove before forwarding: every credential header the route's authenticators
+    read, and every client-sent header in the identity namespace (the sidecar's values are set after removal)."""
+    names = sorted(plan.strip.headers)
+    for key in client_identity_headers(request.headers, policy.identity_headers):
+        if key not in names:
+            names.append(key)
+    return names
+
+
+class DecisionApp:
+    """The decision listener's ASGI application (`sidecar run --decision-port P`)."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        path = scope["path"]
+        kind = NGINX if path == "/nginx" else TRAEFIK if path == "/traefik" else (
+            ENVOY if path == ENVOY_PREFIX or path.startswith(ENVOY_PREFIX + "/") else None)
+        gateway = self.gateway
+        policy: Policy = gateway.services.policy
+        answer = _nginx_send(send) if kind == NGINX else send
+        try:
+            if kind is None:
+                raise NotFound("the decision port serves /nginx, /traefik and /envoy/<path>")
+            original = original_scope(kind, scope)
+        except Refusal as refusal:
+            exchange = Exchange(scope["method"], scan_headers(scope["headers"]), mode="decision")
+            await gateway.refused(refusal, exchange, answer)
+            gateway.record(exchange)
+            return
+        exchange = Exchange(original["method"], scan_headers(original["headers"]), mode="decision")
+        try:
+            plan, request, _auth, identity = await gateway.decide(policy, original, receive, exchange)
+        except Refusal as refusal:
+            await gateway.refused(refusal, exchange, answer)
+            gateway.record(exchange)
+            return
+        except ClientDisconnected:
+            exchange.finish("abandoned", "client_disconnected", 499)
+            gateway.record(exchange)
+            return
+        headers: Headers = [(b"content-length", b"0"), (b"cache-control", b"no-store"),
+                            (b"x-request-id", request.request_id.encode())]
+        add_identity(headers, policy.identity_headers, identity, gateway.services.identity_token(identity))
+        if kind == ENVOY:
+            remove = removals(plan, request, policy)
+            if plan.strip.cookies:
+                cookie = request.header(b"cookie")
+                stripped = strip_cookies(cookie.encode("latin-1"), plan.strip.cookies) if cookie else b""
+                if stripped:
+                    headers.append((b"cookie", stripped))
+                elif cookie is not None:
+                    remove.append(b"cookie")
+            if remove:
+                headers.append((ENVOY_REMOVE, b",".join(remove)))
+        else:
+            headers.append((UPSTREAM_URI, upstream_uri(plan, request)))
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b""})
+        exchange.finish("allow", "ok", 200)
+        await self.emit(plan, identity)
+        gateway.record(exchange)
+
+    async def emit(self, plan: RoutePlan, identity: Identity) -> None:
+        """A route's `emit` events fire on an allowed decision: the upstream's status and reply are the data plane's,
+        unseen here, so every `emit` whose `when` is `2xx` or `any` fires, with no reply data."""
+        emits = [e for e in plan.config.emit if e.when in ("2xx", "any")]
+        if emits:
+            data = event_data(b"", 0, 0, identity, plan.route.id)
+            data["mode"] = "decision"
+            for emit in emits:
+                await self.gateway.services.events.emit(emit.event, data)
+
+
+def _nginx_send(send: Any) -> Any:
+    """A refusal in nginx's terms: nginx turns anything but 2xx, 401 and 403 from an auth subrequest into a 500, so
+    a 401 stays a 401 (and so does the login redirect, a 302, which keeps its Location) and everything else becomes a
+    403; `X-Auth-Status` carries the status proxy mode would have answered and `X-Auth-Reason` the refusal's `error`
+    code (from its JSON body). The gateway sends a refusal as one start and one body message."""
+    held: list[dict[str, Any]] = []
+
+    async def nginx_send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            held.append(message)
+            return
+        start = held.pop()
+        status = start["status"]
+        headers = [*start["headers"], (AUTH_STATUS, str(status).encode()),
+                   (AUTH_REASON, _reason(message.get("body", b"")).encode())]
+        await send({**start, "status": 401 if status in (401, 302) else 403, "headers": headers})
+        await send(message)
+
+    return nginx_send
+
+
+def _reason(body: bytes) -> str:
+    try:
+        error = json.loads(body).get("error") if body else None
+    except (ValueError, AttributeError):
+        error = None
+    return error if isinstance(error, str) and error.isascii() and error.isprintable() else "login_required"

@@ -40,6 +40,8 @@ Scope = dict[str, Any]
 NGINX, TRAEFIK, ENVOY = "nginx", "traefik", "envoy"
 ENVOY_PREFIX = "/envoy"
 UPSTREAM_URI = b"x-auth-upstream-uri"
+UPSTREAM_PATH = b"x-auth-upstream-path"
+UPSTREAM_QUERY = b"x-auth-upstream-query"
 AUTH_REASON = b"x-auth-reason"
 AUTH_STATUS = b"x-auth-status"
 ENVOY_REMOVE = b"x-envoy-auth-headers-to-remove"
@@ -105,11 +107,12 @@ def original_scope(kind: str, scope: Scope) -> Scope:
     }
 
 
-def upstream_uri(plan: RoutePlan, request: RequestView) -> bytes:
-    """The URI the data plane should forward: the authorised (normalised) path, credential parameters removed."""
+def upstream_target(plan: RoutePlan, request: RequestView) -> Headers:
+    """The URI the data plane should forward: the authorised (normalised) path, credential parameters removed; whole
+    (nginx: `proxy_pass http://backend$auth_uri`) and in parts (Caddy's `rewrite` splits its template at `?`)."""
     query = strip_query(request.query_string, plan.strip.query)
-    raw = request.path.encode("ascii")
-    return raw + b"?" + query if query else raw
+    path = request.path.encode("ascii")
+    return [(UPSTREAM_URI, path + b"?" + query if query else path), (UPSTREAM_PATH, path), (UPSTREAM_QUERY, query)]
 
 
 def removals(plan: RoutePlan, request: RequestView, policy: Policy) -> list[bytes]:
@@ -173,7 +176,11 @@ class DecisionApp:
             if remove:
                 headers.append((ENVOY_REMOVE, b",".join(remove)))
         else:
-            headers.append((UPSTREAM_URI, upstream_uri(plan, request)))
+            headers.extend(upstream_target(plan, request))
+            if kind == TRAEFIK and not identity.client:
+                # Always named, empty when there is none: Caddy before 2.10 copies a header the answer lacks as its
+                # literal placeholder text, and Traefik removes the client's copy of every listed header either way.
+                headers.append((policy.identity_headers.client, b""))
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": b""})
         exchange.finish("allow", "ok", 200)

@@ -106,7 +106,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     loaded = _load_or_report(path)
     if loaded is None:
         return 1
-    for warning in loaded.warnings:
+    from sidecar.proxy.decision import body_warnings
+
+    for warning in [*loaded.warnings, *body_warnings(loaded)]:
         print(f"warning: {warning}", file=sys.stderr)
     print(f"{path}: ok ({len(loaded.config.routes)} routes, {len(loaded.authenticators)} authenticators)")
     return 0

@@ -232,3 +232,24 @@ def _listening_addresses(port: int) -> set[str]:
                     else:
                         found.add(address)
     return found
+
+
+def test_check_warns_about_body_credentials_in_decision_mode(tmp_path: object, idp_keys: KeyPair) -> None:
+    """`sidecar check` warns that a route reading the body gets it in decision mode only from Envoy."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    config = make_config("http://127.0.0.1:1", {
+        "form_jwt": jwt_authenticator(idp_keys, **{"from": ["form:assertion"]}),
+        "header_jwt": jwt_authenticator(idp_keys)},
+        [route("form", "/form/**", ["form_jwt"]), route("header", "/header/**", ["header_jwt"])])
+    path = Path(str(tmp_path)) / "sidecar.yaml"
+    path.write_text(config_text(config))
+
+    result = subprocess.run([sys.executable, "-m", "sidecar", "check", "--config", str(path)],
+                            capture_output=True, text=True, timeout=60)
+
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if "request body" in line]
+    assert len(warnings) == 1 and "route 'form'" in warnings[0] and "Envoy" in warnings[0]

@@ -31,6 +31,7 @@ from sidecar.proxy.upstream_request import add_identity, client_identity_headers
 
 if TYPE_CHECKING:
     from sidecar.authn.base import Identity
+    from sidecar.config.model import LoadedConfig
     from sidecar.proxy.gateway import Gateway
     from sidecar.proxy.request_view import Headers, RequestView
     from sidecar.proxy.route_plans import Policy, RoutePlan
@@ -225,3 +226,16 @@ def _reason(body: bytes) -> str:
     except (ValueError, AttributeError):
         error = None
     return error if isinstance(error, str) and error.isascii() and error.isprintable() else "login_required"
+
+
+def body_warnings(loaded: LoadedConfig) -> list[str]:
+    """`sidecar check`: routes whose authenticators read the request body. In decision mode only Envoy can send the
+    body (`with_request_body`); behind nginx, Traefik or Caddy such a route finds no credential and is refused."""
+    from sidecar.proxy.explain import Offline
+    from sidecar.proxy.route_plans import Policy
+
+    offline = Offline(loaded)
+    policy = offline.compiled = Policy(loaded, offline)
+    return [f"route {plan.route.id!r}: its authenticators read the request body, which decision mode gets only from "
+            "Envoy with with_request_body (nginx, Traefik and Caddy send none: there the route is always refused)"
+            for plan in policy.plans if plan.needs_body]

@@ -253,3 +253,18 @@ def test_check_warns_about_body_credentials_in_decision_mode(tmp_path: object, i
     assert result.returncode == 0, result.stderr
     warnings = [line for line in result.stderr.splitlines() if "request body" in line]
     assert len(warnings) == 1 and "route 'form'" in warnings[0] and "Envoy" in warnings[0]
+
+
+def test_nginx_reads_ingress_nginx_original_url(sidecar: RunningSidecar, idp_keys: KeyPair) -> None:
+    """/nginx takes the path, query and host from ingress-nginx's X-Original-URL when there is no X-Original-URI."""
+    assert sidecar.decision_url is not None
+    token = mint(idp_keys, sub="erin")
+    response = httpx.get(sidecar.decision_url + "/nginx", headers={
+        "X-Original-Method": "GET", "X-Original-URL": f"https://app.example/api/x?access_token={token}&k=v",
+        "X-Sent-From": "nginx-ingress-controller"}, trust_env=False)
+    tricked = httpx.get(sidecar.decision_url + "/nginx", headers={
+        "X-Original-Method": "GET", "X-Original-URL": "https://app.example/public/..%2fapi/x"}, trust_env=False)
+
+    assert (response.status_code, response.headers["x-auth-subject"]) == (200, "erin")
+    assert response.headers["x-auth-upstream-uri"] == "/api/x?k=v"
+    assert (tricked.status_code, tricked.headers["x-auth-status"]) == (403, "400")

@@ -5,9 +5,9 @@ path with the same 400s, authenticate through the verdict cache, `require`), ref
 line and metrics with `mode="decision"`). Only the framing differs, per data plane:
 
 - `/nginx` (nginx `auth_request`, ingress-nginx `auth-url`): the original request from `X-Original-Method`,
-  `X-Original-URI`, `X-Original-Host` (else `Host`). nginx understands only 2xx, 401 and 403 from an auth
-  subrequest, so every refusal is a 401 or a 403, with the refusal's `error` code in `X-Auth-Reason` and the
-  status proxy mode would have answered in `X-Auth-Status`.
+  `X-Original-URI`, `X-Original-Host` (else `Host`); without X-Original-URI, from ingress-nginx's
+  `X-Original-URL`. nginx understands only 2xx, 401 and 403 from an auth subrequest, so every refusal is a 401
+  or a 403, with the refusal's `error` code in `X-Auth-Reason` and proxy mode's status in `X-Auth-Status`.
 - `/traefik` (Traefik ForwardAuth, Caddy `forward_auth`): the original request from `X-Forwarded-Method`,
   `-Proto`, `-Host`, `-Uri`; refusals exactly as in proxy mode (these proxies pass any status through).
 - `/envoy/<original path>` (Envoy HTTP ext_authz, `path_prefix: /envoy`): the request's own method, path, query
@@ -70,7 +70,7 @@ def original_scope(kind: str, scope: Scope) -> Scope:
     forwarded_for = False
     real_ip = None
     kept: Headers = []
-    own_host = None
+    own_host = full_url = None
     for key, value in headers:
         if key == method_name:
             method = value
@@ -80,6 +80,8 @@ def original_scope(kind: str, scope: Scope) -> Scope:
             host = value
         elif key == b"host":
             own_host = value
+        elif key == b"x-original-url" and kind == NGINX:
+            full_url = value  # ingress-nginx sends `$scheme://$http_host$request_uri` here, and no X-Original-URI
         elif key == proto_name:
             proto = value
             kept.append((key, value))
@@ -90,6 +92,11 @@ def original_scope(kind: str, scope: Scope) -> Scope:
                 real_ip = value
             if key not in _FRAMING and key not in _ORIGINAL[kind]:
                 kept.append((key, value))
+    if uri is None and full_url is not None:
+        _, _, rest = full_url.partition(b"://")
+        authority, slash, target = rest.partition(b"/")
+        uri = slash + target
+        host = host if host is not None else authority
     if uri is None or not uri.startswith(b"/"):
         raise BadRequest(f"the {uri_name.decode()} header must carry the original request target")
     if method is None or not method.isalpha():

@@ -13,6 +13,9 @@ In sidecar mode the ports are named sidecar-http and sidecar-admin, because port
 within a pod and a backend usually has its own "http".
 */}}
 {{- define "sidecar.container" -}}
+{{- if not (has .Values.mode (list "proxy" "decision" "both")) -}}
+{{- fail "mode must be proxy, decision or both" -}}
+{{- end -}}
 {{- $prefix := ternary "sidecar-" "" (eq (toString .Values.sidecarMode.enabled) "true") -}}
 - name: sidecar
   image: {{ include "sidecar.image" . | quote }}
@@ -29,6 +32,10 @@ within a pod and a backend usually has its own "http".
     - {{ .Values.containerPorts.admin | quote }}
     - --workers
     - {{ .Values.workers | quote }}
+    {{- if ne .Values.mode "proxy" }}
+    - --decision-port
+    - {{ .Values.containerPorts.decision | quote }}
+    {{- end }}
     {{- with .Values.extraArgs }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
@@ -39,9 +46,18 @@ within a pod and a backend usually has its own "http".
     - name: {{ $prefix }}admin
       containerPort: {{ .Values.containerPorts.admin }}
       protocol: TCP
+    {{- if ne .Values.mode "proxy" }}
+    - name: {{ $prefix }}decision
+      containerPort: {{ .Values.containerPorts.decision }}
+      protocol: TCP
+    {{- end }}
   env:
     - name: SIDECAR_ADMIN_HOST
       value: {{ .Values.adminHost | quote }}
+    {{- if ne .Values.mode "proxy" }}
+    - name: SIDECAR_DECISION_HOST
+      value: {{ .Values.decisionHost | quote }}
+    {{- end }}
     {{- with .Values.secrets.existingSecret }}
     {{- if $.Values.secrets.adminTokenKey }}
     - name: SIDECAR_ADMIN_TOKEN

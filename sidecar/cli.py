@@ -22,6 +22,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--decision-port", type=int, default=None,
                      help="serve decision mode (nginx auth_request, Traefik/Caddy forward auth, Envoy ext_authz) on "
                           "this port, on 127.0.0.1 unless SIDECAR_DECISION_HOST says otherwise")
+    run.add_argument("--decision-grpc-port", type=int, default=None,
+                     help="serve Envoy's gRPC ext_authz (envoy.service.auth.v3.Authorization/Check) on this port, "
+                          "same host as --decision-port (needs the grpc extra: pip install 'sidecar[grpc]')")
     run.add_argument("--workers", type=int, default=1)
     run.add_argument("--grace", type=float, default=30.0,
                      help="seconds in-flight requests get to finish after SIGTERM (default 30)")
@@ -90,12 +93,19 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"sidecar: {problem}", file=sys.stderr)
             return 1
     admin_host = os.environ.get("SIDECAR_ADMIN_HOST", "127.0.0.1")
-    decision = None
-    if args.decision_port is not None:
-        decision = (os.environ.get("SIDECAR_DECISION_HOST", "127.0.0.1"), args.decision_port)
+    decision_host = os.environ.get("SIDECAR_DECISION_HOST", "127.0.0.1")
+    decision = None if args.decision_port is None else (decision_host, args.decision_port)
+    decision_grpc = None if args.decision_grpc_port is None else (decision_host, args.decision_grpc_port)
+    if decision_grpc is not None:
+        try:
+            import sidecar.proxy.decision_grpc  # noqa: F401
+        except ImportError as exc:
+            print(f"sidecar: --decision-grpc-port needs the grpc extra (pip install 'sidecar[grpc]'): {exc}",
+                  file=sys.stderr)
+            return 1
     try:
         return run(path, args.host, args.port, admin_host, args.admin_port, args.workers, args.grace, tls, admin_tls,
-                   decision)
+                   decision, decision_grpc)
     except ListenError as exc:
         print(f"sidecar: {exc}", file=sys.stderr)
         return 1

@@ -145,7 +145,7 @@ class RunningSidecar:
 
 @contextlib.contextmanager
 def running_sidecar(config: str | dict[str, Any], *, directory: str | None = None,
-                    decision: bool = False) -> Iterator[RunningSidecar]:
+                    decision: bool = False, decision_grpc: int | None = None) -> Iterator[RunningSidecar]:
     """Run a sidecar with this configuration (YAML text or a dict) on loopback ports in a background thread; with
     `decision`, the decision listener too (`decision_url`)."""
     from sidecar.server.runner import Serving, bind
@@ -157,7 +157,8 @@ def running_sidecar(config: str | dict[str, Any], *, directory: str | None = Non
         main_sock, admin_sock = bind("127.0.0.1", 0), bind("127.0.0.1", 0)
         main_port, admin_port = main_sock.getsockname()[1], admin_sock.getsockname()[1]
         decision_sock = bind("127.0.0.1", 0) if decision else None
-        serving = Serving(str(path), main_sock, admin_sock, graceful=5.0, decision_sock=decision_sock)
+        serving = Serving(str(path), main_sock, admin_sock, graceful=5.0, decision_sock=decision_sock,
+                          decision_grpc=("127.0.0.1", decision_grpc) if decision_grpc else None)
         failure: list[BaseException] = []
 
         def target() -> None:

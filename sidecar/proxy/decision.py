@@ -123,6 +123,16 @@ def upstream_target(plan: RoutePlan, request: RequestView) -> Headers:
     return [(UPSTREAM_URI, path + b"?" + query if query else path), (UPSTREAM_PATH, path), (UPSTREAM_QUERY, query)]
 
 
+def stripped_cookie(plan: RoutePlan, request: RequestView) -> bytes | None:
+    """The Cookie header without the route's credential cookies (b"" when nothing is left); None when unchanged."""
+    if not plan.strip.cookies:
+        return None
+    cookie = request.header(b"cookie")
+    if cookie is None:
+        return None
+    return strip_cookies(cookie.encode("latin-1"), plan.strip.cookies)
+
+
 def removals(plan: RoutePlan, request: RequestView, policy: Policy) -> list[bytes]:
     """Headers the data plane must remove before forwarding: every credential header the route's authenticators
     read, and every client-sent header in the identity namespace (the sidecar's values are set after removal)."""
@@ -158,29 +168,19 @@ class DecisionApp:
             await gateway.refused(refusal, exchange, answer)
             gateway.record(exchange)
             return
-        exchange = Exchange(original["method"], scan_headers(original["headers"]), mode="decision")
-        try:
-            plan, request, _auth, identity = await gateway.decide(policy, original, receive, exchange)
-        except Refusal as refusal:
-            await gateway.refused(refusal, exchange, answer)
-            gateway.record(exchange)
+        asked = await self.ask(original, receive, answer)
+        if asked is None:
             return
-        except ClientDisconnected:
-            exchange.finish("abandoned", "client_disconnected", 499)
-            gateway.record(exchange)
-            return
+        exchange, plan, request, identity = asked
         headers: Headers = [(b"content-length", b"0"), (b"cache-control", b"no-store"),
-                            (b"x-request-id", request.request_id.encode())]
-        add_identity(headers, policy.identity_headers, identity, gateway.services.identity_token(identity))
+                            *self.identity(request, identity)]
         if kind == ENVOY:
             remove = removals(plan, request, policy)
-            if plan.strip.cookies:
-                cookie = request.header(b"cookie")
-                stripped = strip_cookies(cookie.encode("latin-1"), plan.strip.cookies) if cookie else b""
-                if stripped:
-                    headers.append((b"cookie", stripped))
-                elif cookie is not None:
-                    remove.append(b"cookie")
+            cookie = stripped_cookie(plan, request)
+            if cookie:
+                headers.append((b"cookie", cookie))
+            elif cookie is not None:
+                remove.append(b"cookie")
             if remove:
                 headers.append((ENVOY_REMOVE, b",".join(remove)))
         else:
@@ -191,9 +191,37 @@ class DecisionApp:
                 headers.append((policy.identity_headers.client, b""))
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": b""})
+        await self.allowed(exchange, plan, identity)
+
+    async def ask(self, original: Scope, receive: Any,
+                  answer: Any) -> tuple[Exchange, RoutePlan, RequestView, Identity] | None:
+        """The gateway's decision on the original request; a refusal is answered through `answer` (ASGI messages, as
+        in proxy mode), audited and counted here, and None returned."""
+        gateway = self.gateway
+        exchange = Exchange(original["method"], scan_headers(original["headers"]), mode="decision")
+        try:
+            plan, request, _auth, identity = await gateway.decide(gateway.services.policy, original, receive, exchange)
+        except Refusal as refusal:
+            await gateway.refused(refusal, exchange, answer)
+            gateway.record(exchange)
+            return None
+        except ClientDisconnected:
+            exchange.finish("abandoned", "client_disconnected", 499)
+            gateway.record(exchange)
+            return None
+        return exchange, plan, request, identity
+
+    def identity(self, request: RequestView, identity: Identity) -> Headers:
+        """X-Request-Id and the identity headers (and signed identity token) proxy mode would send upstream."""
+        headers: Headers = [(b"x-request-id", request.request_id.encode())]
+        services = self.gateway.services
+        add_identity(headers, services.policy.identity_headers, identity, services.identity_token(identity))
+        return headers
+
+    async def allowed(self, exchange: Exchange, plan: RoutePlan, identity: Identity) -> None:
         exchange.finish("allow", "ok", 200)
         await self.emit(plan, identity)
-        gateway.record(exchange)
+        self.gateway.record(exchange)
 
     async def emit(self, plan: RoutePlan, identity: Identity) -> None:
         """A route's `emit` events fire on an allowed decision: the upstream's status and reply are the data plane's,

@@ -114,13 +114,15 @@ class Serving:
 
     def __init__(self, config_path: str, main_sock: socket.socket, admin_sock: socket.socket,
                  graceful: float = 30.0, tls: ListenerTls | None = None, admin_tls: ListenerTls | None = None,
-                 decision_sock: socket.socket | None = None) -> None:
+                 decision_sock: socket.socket | None = None, decision_grpc: tuple[str, int] | None = None) -> None:
         """`tls`: the main listener's files from the command line (else the configuration's `listen:` block);
         `admin_tls`: the admin port's, which is otherwise plain; `decision_sock`: the decision listener's socket
-        (sidecar/proxy/decision.py), served over the same `Services` and gateway as the main port."""
+        (sidecar/proxy/decision.py), served over the same `Services` and gateway as the main port; `decision_grpc`:
+        (host, port) of Envoy's gRPC ext_authz service (sidecar/proxy/decision_grpc.py, the `grpc` extra)."""
         self.config_path = config_path
         self.sockets = (main_sock, admin_sock)
         self.decision_sock = decision_sock
+        self.decision_grpc = decision_grpc
         self.graceful = graceful
         self.tls = tls
         self.admin_tls = admin_tls
@@ -153,13 +155,18 @@ class Serving:
             reload = services.reload_from_file
             loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(reload()))
         admin_task = asyncio.ensure_future(admin_server.serve(sockets=[self.sockets[1]]))
-        decision_server = decision_task = None
-        if self.decision_sock is not None:
+        decision_server = decision_task = grpc_server = None
+        if self.decision_sock is not None or self.decision_grpc is not None:
             from sidecar.proxy.decision import DecisionApp
 
-            decision_server = SignalFreeServer(_uvicorn_config(GraceCutoff(DecisionApp(main_app.gateway)),
-                                                               graceful=self.graceful))
-            decision_task = asyncio.ensure_future(decision_server.serve(sockets=[self.decision_sock]))
+            decisions = DecisionApp(main_app.gateway)
+            if self.decision_sock is not None:
+                decision_server = SignalFreeServer(_uvicorn_config(GraceCutoff(decisions), graceful=self.graceful))
+                decision_task = asyncio.ensure_future(decision_server.serve(sockets=[self.decision_sock]))
+            if self.decision_grpc is not None:
+                from sidecar.proxy.decision_grpc import start_server
+
+                grpc_server = await start_server(decisions, *self.decision_grpc)
         main_task = asyncio.ensure_future(main.serve(sockets=[self.sockets[0]]))
         while not (main.started and admin_server.started and (decision_server is None or decision_server.started)) \
                 and not main_task.done():
@@ -174,13 +181,15 @@ class Serving:
             if decision_server is not None:
                 decision_server.should_exit = True
                 await decision_task  # type: ignore[misc]
+            if grpc_server is not None:
+                await grpc_server.stop(self.graceful)
             await admin_task
             await services.aclose()
 
 
 def _run_worker(config_path: str, main_sock: socket.socket, admin_sock: socket.socket, graceful: float,
                 tls: ListenerTls | None = None, admin_tls: ListenerTls | None = None,
-                decision_sock: socket.socket | None = None) -> None:
+                decision_sock: socket.socket | None = None, decision_grpc: tuple[str, int] | None = None) -> None:
     _setup_logging()
     try:
         import uvloop
@@ -189,7 +198,8 @@ def _run_worker(config_path: str, main_sock: socket.socket, admin_sock: socket.s
     except ImportError:
         runner = asyncio.Runner()
     with runner:
-        runner.run(Serving(config_path, main_sock, admin_sock, graceful, tls, admin_tls, decision_sock).run())
+        runner.run(Serving(config_path, main_sock, admin_sock, graceful, tls, admin_tls, decision_sock,
+                           decision_grpc).run())
 
 
 def _setup_logging() -> None:
@@ -213,8 +223,9 @@ def _listen(host: str, port: int, what: str) -> socket.socket:
 
 def run(config_path: str, host: str, port: int, admin_host: str, admin_port: int, workers: int,
         graceful: float = 30.0, tls: ListenerTls | None = None, admin_tls: ListenerTls | None = None,
-        decision: tuple[str, int] | None = None) -> int:
-    """`decision`: (host, port) of the decision listener, when `--decision-port` is given."""
+        decision: tuple[str, int] | None = None, decision_grpc: tuple[str, int] | None = None) -> int:
+    """`decision`: (host, port) of the decision listener, when `--decision-port` is given; `decision_grpc`: of the
+    gRPC ext_authz service (`--decision-grpc-port`), bound by each worker (SO_REUSEPORT)."""
     main_sock = _listen(host, port, "--port")
     try:
         admin_sock = _listen(admin_host, admin_port, "--admin-port")
@@ -228,14 +239,15 @@ def run(config_path: str, host: str, port: int, admin_host: str, admin_port: int
         admin_sock.close()
         raise
     if workers <= 1:
-        _run_worker(config_path, main_sock, admin_sock, graceful, tls, admin_tls, decision_sock)
+        _run_worker(config_path, main_sock, admin_sock, graceful, tls, admin_tls, decision_sock, decision_grpc)
         return 0
-    return _supervise(config_path, main_sock, admin_sock, workers, graceful, tls, admin_tls, decision_sock)
+    return _supervise(config_path, main_sock, admin_sock, workers, graceful, tls, admin_tls, decision_sock,
+                      decision_grpc)
 
 
 def _supervise(config_path: str, main_sock: socket.socket, admin_sock: socket.socket, workers: int,
                graceful: float, tls: ListenerTls | None = None, admin_tls: ListenerTls | None = None,
-               decision_sock: socket.socket | None = None) -> int:
+               decision_sock: socket.socket | None = None, decision_grpc: tuple[str, int] | None = None) -> int:
     context = multiprocessing.get_context("spawn")
     stopping = 0  # the signal that asked us to stop
     os.environ["SIDECAR_SUPERVISOR_PID"] = str(os.getpid())
@@ -243,7 +255,8 @@ def _supervise(config_path: str, main_sock: socket.socket, admin_sock: socket.so
 
     def spawn() -> Any:
         process = context.Process(target=_run_worker, daemon=False,
-                                  args=(config_path, main_sock, admin_sock, graceful, tls, admin_tls, decision_sock))
+                                  args=(config_path, main_sock, admin_sock, graceful, tls, admin_tls, decision_sock,
+                                        decision_grpc))
         process.start()
         return process
 

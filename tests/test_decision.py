@@ -96,12 +96,15 @@ def test_nginx_refusals_are_401_or_403_with_reason(
         assert response.headers["www-authenticate"].startswith('Bearer realm="sidecar"')
 
 
-def test_nginx_without_original_uri_is_refused(sidecar: RunningSidecar) -> None:
-    """An ask without X-Original-URI is a 403 (invalid_request), never an allow."""
+def test_nginx_without_original_uri_is_refused(sidecar: RunningSidecar, idp_keys: KeyPair) -> None:
+    """An ask without X-Original-URI, or with two, is a 403 (invalid_request), never an allow."""
     assert sidecar.decision_url is not None
     response = httpx.get(sidecar.decision_url + "/nginx", trust_env=False)
+    twice = raw_request(sidecar.decision_url, "/nginx", {**bearer(mint(idp_keys)), "X-Original-Method": "GET",
+                                                         "X-Original-URI": "/public/x", "X-Original-uri": "/api/x"})
 
     assert (response.status_code, response.headers["x-auth-reason"]) == (403, "invalid_request")
+    assert (twice.status_code, twice.headers["x-auth-reason"]) == (403, "invalid_request")
 
 
 def test_client_address_comes_from_a_trusted_data_plane_only(sidecar: RunningSidecar, idp_keys: KeyPair) -> None:
@@ -212,7 +215,7 @@ def test_decision_port_is_loopback_by_default(tmp_path: object, shared_upstream:
     path = Path(str(tmp_path)) / "sidecar.yaml"
     path.write_text(config_text(decision_config(shared_upstream.url, idp_keys)))
     port = free_port()
-    with SidecarProcess(path, args=("--decision-port", str(port))):
+    with SidecarProcess(path, workers=2, args=("--decision-port", str(port))):  # the supervisor binds it
         assert httpx.get(f"http://127.0.0.1:{port}/nginx", trust_env=False).status_code == 403
         bound = _listening_addresses(port)
     assert bound == {"127.0.0.1"}

@@ -71,7 +71,12 @@ def original_scope(kind: str, scope: Scope) -> Scope:
     real_ip = None
     kept: Headers = []
     own_host = full_url = None
+    seen: set[bytes] = set()
     for key, value in headers:
+        if key in _ORIGINAL[kind] or key == b"x-original-url":
+            if key in seen:  # two descriptions of one request: which one would the data plane have forwarded?
+                raise BadRequest(f"the {key.decode()} header is repeated")
+            seen.add(key)
         if key == method_name:
             method = value
         elif key == uri_name:

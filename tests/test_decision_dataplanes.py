@@ -112,6 +112,18 @@ def test_nginx_client_identity_headers_never_reach_the_upstream(
     assert (anonymous.header("x-auth-scopes"), bob.header("x-auth-scopes")) == (None, "read")
 
 
+def test_nginx_removes_a_credential_cookie(nginx: str, upstream: RecordingUpstream, idp_keys: KeyPair) -> None:
+    """Through nginx: a cookie credential is accepted and the upstream gets the other cookies only."""
+    cookies = raw_request(nginx, "/app/home", {"Cookie": f"theme=dark; session={mint(idp_keys, sub='dee')}; lang=en"})
+    plain = raw_request(nginx, "/public/x", {"Cookie": "theme=light"})
+
+    assert (cookies.status_code, plain.status_code) == (200, 200)
+    with_session, without = upstream.received
+    assert with_session.header("x-auth-subject") == "dee"
+    assert with_session.header("cookie") == "theme=dark; lang=en"
+    assert without.header("cookie") == "theme=light"
+
+
 @pytest.mark.parametrize("target", ["/public/..%2fapi/x", "/public/..;/api/x", "/public/%2e%2e%2fapi/x",
                                     "/public/..%5capi/x"])
 def test_nginx_path_tricks_are_refused(nginx: str, upstream: RecordingUpstream, target: str) -> None:

@@ -43,6 +43,7 @@ ENVOY_PREFIX = "/envoy"
 UPSTREAM_URI = b"x-auth-upstream-uri"
 UPSTREAM_PATH = b"x-auth-upstream-path"
 UPSTREAM_QUERY = b"x-auth-upstream-query"
+UPSTREAM_COOKIE = b"x-auth-upstream-cookie"
 AUTH_REASON = b"x-auth-reason"
 AUTH_STATUS = b"x-auth-status"
 ENVOY_REMOVE = b"x-envoy-auth-headers-to-remove"
@@ -190,6 +191,13 @@ class DecisionApp:
                 headers.append((ENVOY_REMOVE, b",".join(remove)))
         else:
             headers.extend(upstream_target(plan, request))
+            if kind == NGINX:  # the Cookie to forward (`proxy_set_header Cookie $auth_cookie`): credentials removed
+                cookie = stripped_cookie(plan, request)
+                if cookie is None:
+                    original_cookie = request.header(b"cookie")
+                    cookie = original_cookie.encode("latin-1") if original_cookie else None
+                if cookie:
+                    headers.append((UPSTREAM_COOKIE, cookie))
             if kind == TRAEFIK and not identity.client:
                 # Always named, empty when there is none: Caddy before 2.10 copies a header the answer lacks as its
                 # literal placeholder text, and Traefik removes the client's copy of every listed header either way.

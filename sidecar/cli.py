@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
 
     check = commands.add_parser("check", help="validate the configuration")
     check.add_argument("--config")
+    check.add_argument("--decision", action="store_true",
+                       help="the policy also serves decision mode: warn about routes that need a request body")
 
     demo = commands.add_parser("demo", help="run the bundled demo and print curl lines")
     demo.add_argument("--self-test", action="store_true", help="send the printed requests, check them, exit")
@@ -118,7 +120,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         return 1
     from sidecar.proxy.decision import body_warnings
 
-    for warning in [*loaded.warnings, *body_warnings(loaded)]:
+    for warning in [*loaded.warnings, *(body_warnings(loaded) if args.decision else [])]:
         print(f"warning: {warning}", file=sys.stderr)
     print(f"{path}: ok ({len(loaded.config.routes)} routes, {len(loaded.authenticators)} authenticators)")
     return 0

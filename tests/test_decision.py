@@ -238,7 +238,7 @@ def _listening_addresses(port: int) -> set[str]:
 
 
 def test_check_warns_about_body_credentials_in_decision_mode(tmp_path: object, idp_keys: KeyPair) -> None:
-    """`sidecar check` warns that a route reading the body gets it in decision mode only from Envoy."""
+    """`sidecar check --decision` warns that a route reading the body gets it in decision mode only from Envoy."""
     import subprocess
     import sys
     from pathlib import Path
@@ -250,12 +250,15 @@ def test_check_warns_about_body_credentials_in_decision_mode(tmp_path: object, i
     path = Path(str(tmp_path)) / "sidecar.yaml"
     path.write_text(config_text(config))
 
-    result = subprocess.run([sys.executable, "-m", "sidecar", "check", "--config", str(path)],
+    result = subprocess.run([sys.executable, "-m", "sidecar", "check", "--decision", "--config", str(path)],
                             capture_output=True, text=True, timeout=60)
+    proxy_only = subprocess.run([sys.executable, "-m", "sidecar", "check", "--config", str(path)],
+                                capture_output=True, text=True, timeout=60)
 
     assert result.returncode == 0, result.stderr
     warnings = [line for line in result.stderr.splitlines() if "request body" in line]
     assert len(warnings) == 1 and "route 'form'" in warnings[0] and "Envoy" in warnings[0]
+    assert (proxy_only.returncode, proxy_only.stderr) == (0, "")
 
 
 def test_nginx_reads_ingress_nginx_original_url(sidecar: RunningSidecar, idp_keys: KeyPair) -> None:

@@ -17,7 +17,7 @@ ROUTE_COUNT = 1000
 @dataclass
 class Case:
     name: str
-    target: str  # "upstream" | "nginx_proxy" | "sidecar"
+    target: str  # "upstream" | "nginx_proxy" | "sidecar" | "nginx_decision" | "nginx_auth_floor"
     path: str
     description: str
     light_default: bool = False
@@ -58,6 +58,21 @@ CASES: dict[str, Case] = {
         Case("jwt_new", "sidecar", "/jwt/x", "sidecar, RS256 JWT route, a never-seen token on every request"),
         Case("client_token", "sidecar", "/token/x", "sidecar, client-token route, Redis db 14", needs_redis=True),
         Case(
+            "nginx_auth_decision",
+            "nginx_decision",
+            "/jwt/x",
+            "nginx auth_request (examples/nginx/sidecar.conf) -> sidecar decision port (jwt_cached's route and "
+            "tokens, warm cache) -> upstream",
+            light_default=True,
+        ),
+        Case(
+            "nginx_auth_floor",
+            "nginx_auth_floor",
+            "/jwt/x",
+            "the same nginx auth_request recipe asking an nginx location that always says 200 (no auth): the floor",
+            light_default=True,
+        ),
+        Case(
             "routes_1000",
             "sidecar",
             f"/r{ROUTE_COUNT - 1}/x",
@@ -66,7 +81,7 @@ CASES: dict[str, Case] = {
     )
 }
 TRANSPORT_CASES = ("anonymous", "jwt_cached")  # run under every --transport value
-JWT_CASES = ("jwt_cached", "jwt_cached_https", "jwt_new")
+JWT_CASES = ("jwt_cached", "jwt_cached_https", "jwt_new", "nginx_auth_decision", "nginx_auth_floor")
 
 
 @dataclass
@@ -108,6 +123,8 @@ def sidecar_config(case: Case, upstream_port: int, creds: Creds) -> str:
             }
         }
         cfg["routes"] = [{"id": "jwt", "match": {"path": "/jwt/**"}, "auth": ["bench_jwt"]}]
+        if case.name == "nginx_auth_decision":
+            cfg["trusted_proxies"] = ["127.0.0.1/32"]  # the nginx in front, as in the recipe
     elif case.name == "client_token":
         cfg["authenticators"] = {"bench_token": {"type": "client_token"}}
         cfg["clients"] = [{"id": "bench-client", "name": "Bench", "tokens": [creds.client_token_ref]}]
@@ -139,7 +156,7 @@ def case_headers(case: Case, creds: Creds) -> dict[str, str]:
 
 
 def wrk_script(case: Case, creds: Creds, fresh_prefix: str = "") -> WrkScript:
-    if case.name in ("jwt_cached", "jwt_cached_https"):
+    if case.name in ("jwt_cached", "jwt_cached_https", "nginx_auth_decision", "nginx_auth_floor"):
         return WrkScript("rotate", ["Authorization", *(f"Bearer {t}" for t in creds.jwt_few)])
     if case.name == "jwt_new":
         return WrkScript("fresh", [fresh_prefix, "Authorization"])

@@ -108,6 +108,30 @@ def proxy_conf(prefix: Path, port: int, upstream_port: int) -> str:
     )
 
 
+RECIPE = Path(__file__).resolve().parent.parent / "examples" / "nginx" / "sidecar.conf"
+
+
+def auth_request_conf(prefix: Path, port: int, ready_port: int, upstream_port: int, decision_port: int | None) -> str:
+    """examples/nginx/sidecar.conf as written, ports substituted, in front of the upstream: asking the sidecar's
+    decision port, or (`decision_port` None, the floor) a location of this nginx that always answers 200."""
+    floor_port = ready_port
+    recipe = RECIPE.read_text().replace("127.0.0.1:8000", f"127.0.0.1:{upstream_port}")
+    recipe = recipe.replace("127.0.0.1:9100", f"127.0.0.1:{decision_port or floor_port}")
+    recipe = recipe.replace("listen 80;", f"listen 127.0.0.1:{port} backlog=4096;")
+    return (
+        _common(prefix)
+        + f"""http {{
+{_http_common(prefix)}
+{recipe}
+    server {{
+        listen 127.0.0.1:{ready_port};
+        location / {{ return 200; }}
+    }}
+}}
+"""
+    )
+
+
 class Nginx:
     """One nginx master (foreground) plus its workers, stopped by ``close()``."""
 

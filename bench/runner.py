@@ -19,7 +19,7 @@ from typing import Any
 
 from bench import configs, loadgen, tokens, tools, wrk
 from bench.configs import Case, Creds
-from bench.nginx import Nginx, make_certificates, proxy_conf, upstream_conf
+from bench.nginx import Nginx, auth_request_conf, make_certificates, proxy_conf, upstream_conf
 from bench.procs import cpu_snapshot, foreign_cores, free_port, tree_cpu_seconds
 from bench.report import CaseResult
 from bench.sidecar_proc import REPO_ROOT, Sidecar, SidecarError
@@ -80,7 +80,7 @@ class Bench:
                 ca=ca,
             )
             self.https_upstream.start()
-        if names & {"jwt_cached", "jwt_cached_https", "jwt_new"}:
+        if names & set(configs.JWT_CASES):
             key = tokens.load_or_create_key(CACHE_DIR)
             self.creds.public_pem = key.public_pem
             self.creds.jwt_few = [tokens.sign(key, f"cached-user-{i}") for i in range(JWT_FEW)]
@@ -124,6 +124,8 @@ class Bench:
         try:
             if case.target == "sidecar":
                 self._run_sidecar_case(case, res)
+            elif case.target in ("nginx_decision", "nginx_auth_floor"):
+                self._run_auth_request_case(case, res)
             else:
                 nginx = self.upstream if case.target == "upstream" else self.proxy
                 assert nginx is not None
@@ -164,6 +166,35 @@ class Bench:
                         f"the sidecar left {len(left)} key(s) without TTL in Redis db 14, deleted: "
                         + ", ".join(left[:5])
                     )
+
+    def _run_auth_request_case(self, case: Case, res: CaseResult) -> None:
+        """nginx auth_request in front of the upstream, asking the sidecar's decision port (CPU: the sidecar's, the
+        decision's cost) or, for the floor, a location of that nginx (CPU: nginx's)."""
+        assert self.upstream is not None
+        sc = None
+        if case.target == "nginx_decision":
+            cfg = configs.sidecar_config(case, self.upstream.port, self.creds)
+            sc = Sidecar(self.workdir / f"sidecar-{case.name}", cfg, workers=self.args.workers,
+                         transport=self.args.transports[0], command=self.args.sidecar_cmd, decision=True)
+        prefix = self.workdir / f"nginx-{case.name}"
+        port, ready = free_port(), free_port()
+        conf = auth_request_conf(prefix, port, ready, self.upstream.port, sc.decision_port if sc else None)
+        front = Nginx(self.nginx_bin, prefix, conf, ready, case.name)
+        try:
+            if sc is not None:
+                sc.start(timeout=self.args.startup_timeout)
+            front.start()
+            if sc is not None:
+                self._measure(case, res, port, sc.pid, f"sidecar process tree ({self.args.workers} workers, decision)",
+                              sc)
+            else:
+                self._measure(case, res, port, front.pid, "nginx auth_request front master+workers")
+        except SidecarError as e:
+            raise RuntimeError(str(e)) from None
+        finally:
+            front.close()
+            if sc is not None:
+                sc.close()
 
     def _measure(self, case: Case, res: CaseResult, port: int, pid: int, scope: str, sc: Sidecar | None = None) -> None:
         a = self.args

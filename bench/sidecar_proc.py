@@ -23,7 +23,8 @@ class SidecarError(RuntimeError):
 
 class Sidecar:
     def __init__(
-        self, workdir: Path, config_yaml: str, *, workers: int, transport: str | None, command: list[str] | None = None
+        self, workdir: Path, config_yaml: str, *, workers: int, transport: str | None, command: list[str] | None = None,
+        decision: bool = False,
     ) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         self.workdir = workdir
@@ -33,6 +34,7 @@ class Sidecar:
         self.admin_port = free_port()
         while self.admin_port == self.port:
             self.admin_port = free_port()
+        self.decision_port = free_port() if decision else None  # --decision-port (nginx_auth_decision)
         self.workers = workers
         self.transport = transport
         self.command = command or [sys.executable, "-m", "sidecar"]
@@ -54,6 +56,7 @@ class Sidecar:
             str(self.admin_port),
             "--workers",
             str(self.workers),
+            *(["--decision-port", str(self.decision_port)] if self.decision_port else []),
         ]
 
     def start(self, timeout: float = 30.0) -> None:

@@ -26,6 +26,12 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--host", default="0.0.0.0")
     run.add_argument("--port", type=int, default=8080)
     run.add_argument("--admin-port", type=int, default=9901)
+    run.add_argument("--decision-port", type=int, default=None,
+                     help="serve decision mode (nginx auth_request, Traefik/Caddy forward auth, Envoy ext_authz) on "
+                          "this port, on 127.0.0.1 unless SIDECAR_DECISION_HOST says otherwise")
+    run.add_argument("--decision-grpc-port", type=int, default=None,
+                     help="serve Envoy's gRPC ext_authz (envoy.service.auth.v3.Authorization/Check) on this port, "
+                          "same host as --decision-port (needs the grpc extra: pip install 'sidecar[grpc]')")
     run.add_argument("--workers", type=int, default=1)
     run.add_argument("--grace", type=float, default=30.0,
                      help="seconds in-flight requests get to finish after SIGTERM (default 30)")
@@ -44,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
 
     check = commands.add_parser("check", help="validate the configuration")
     check.add_argument("--config")
+    check.add_argument("--decision", action="store_true",
+                       help="the policy also serves decision mode: warn about routes that need a request body")
 
     demo = commands.add_parser("demo", help="run the bundled demo and print curl lines")
     demo.add_argument("--self-test", action="store_true", help="send the printed requests, check them, exit")
@@ -126,9 +134,19 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"sidecar: {problem}", file=sys.stderr)
             return 1
     admin_host = os.environ.get("SIDECAR_ADMIN_HOST", "127.0.0.1")
+    decision_host = os.environ.get("SIDECAR_DECISION_HOST", "127.0.0.1")
+    decision = None if args.decision_port is None else (decision_host, args.decision_port)
+    decision_grpc = None if args.decision_grpc_port is None else (decision_host, args.decision_grpc_port)
+    if decision_grpc is not None:
+        try:
+            import sidecar.proxy.decision_grpc  # noqa: F401
+        except ImportError as exc:
+            print(f"sidecar: --decision-grpc-port needs the grpc extra (pip install 'sidecar[grpc]'): {exc}",
+                  file=sys.stderr)
+            return 1
     try:
         return run(path, args.host, args.port, admin_host, args.admin_port, args.workers, args.grace, tls, admin_tls,
-                   args.metrics_port)
+                   args.metrics_port, decision, decision_grpc)
     except ListenError as exc:
         print(f"sidecar: {exc}", file=sys.stderr)
         return 1
@@ -139,7 +157,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     loaded = _load_or_report(path)
     if loaded is None:
         return 1
-    for warning in loaded.warnings:
+    from sidecar.proxy.decision import body_warnings
+
+    for warning in [*loaded.warnings, *(body_warnings(loaded) if args.decision else [])]:
         print(f"warning: {warning}", file=sys.stderr)
     for warning in report_only_warnings(loaded):
         print(warning, file=sys.stderr)

@@ -129,7 +129,9 @@ def recording_upstream(port: int | None = None, *, tls: ssl.SSLContext | None = 
 
 
 class RunningSidecar:
-    def __init__(self, url: str, admin_url: str, serving: Serving, config_path: Path) -> None:
+    def __init__(self, url: str, admin_url: str, serving: Serving, config_path: Path,
+                 decision_url: str | None = None) -> None:
+        self.decision_url = decision_url  # with running_sidecar(..., decision=True)
         self.url = url
         self.admin_url = admin_url
         self.serving = serving
@@ -142,8 +144,10 @@ class RunningSidecar:
 
 
 @contextlib.contextmanager
-def running_sidecar(config: str | dict[str, Any], *, directory: str | None = None) -> Iterator[RunningSidecar]:
-    """Run a sidecar with this configuration (YAML text or a dict) on loopback ports in a background thread."""
+def running_sidecar(config: str | dict[str, Any], *, directory: str | None = None,
+                    decision: bool = False, decision_grpc: int | None = None) -> Iterator[RunningSidecar]:
+    """Run a sidecar with this configuration (YAML text or a dict) on loopback ports in a background thread; with
+    `decision`, the decision listener too (`decision_url`)."""
     from sidecar.server.runner import Serving, bind
 
     text = config if isinstance(config, str) else json.dumps(config)
@@ -152,7 +156,9 @@ def running_sidecar(config: str | dict[str, Any], *, directory: str | None = Non
         path.write_text(text)
         main_sock, admin_sock = bind("127.0.0.1", 0), bind("127.0.0.1", 0)
         main_port, admin_port = main_sock.getsockname()[1], admin_sock.getsockname()[1]
-        serving = Serving(str(path), main_sock, admin_sock, graceful=5.0)
+        decision_sock = bind("127.0.0.1", 0) if decision else None
+        serving = Serving(str(path), main_sock, admin_sock, graceful=5.0, decision_sock=decision_sock,
+                          decision_grpc=("127.0.0.1", decision_grpc) if decision_grpc else None)
         failure: list[BaseException] = []
 
         def target() -> None:
@@ -169,17 +175,23 @@ def running_sidecar(config: str | dict[str, Any], *, directory: str | None = Non
                 thread.join(1)
                 main_sock.close()
                 admin_sock.close()
+                if decision_sock is not None:
+                    decision_sock.close()
                 if failure:
                     raise failure[0]
                 raise RuntimeError("the sidecar did not start within 15 s")
             time.sleep(0.005)
         try:
-            yield RunningSidecar(f"http://127.0.0.1:{main_port}", f"http://127.0.0.1:{admin_port}", serving, path)
+            decision_url = f"http://127.0.0.1:{decision_sock.getsockname()[1]}" if decision_sock else None
+            yield RunningSidecar(f"http://127.0.0.1:{main_port}", f"http://127.0.0.1:{admin_port}", serving, path,
+                                 decision_url)
         finally:
             loop_stop(serving)
             thread.join(15)
             main_sock.close()
             admin_sock.close()
+            if decision_sock is not None:
+                decision_sock.close()
 
 
 def loop_stop(serving: Any) -> None:

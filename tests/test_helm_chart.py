@@ -114,7 +114,7 @@ def _env_names(container: dict[str, Any]) -> set[str]:
     return {entry["name"] for entry in container.get("env") or []}
 
 
-def _check_deployment(deployment: dict[str, Any], admin_port: int) -> None:
+def _check_deployment(deployment: dict[str, Any], admin_port: int, decision_port: int = 9100) -> None:
     assert deployment["apiVersion"] == "apps/v1"
     pod = deployment["spec"]["template"]
     assert "checksum/config" in pod["metadata"]["annotations"]
@@ -125,10 +125,11 @@ def _check_deployment(deployment: dict[str, Any], admin_port: int) -> None:
     assert "terminationGracePeriodSeconds" in spec
     (container,) = [c for c in spec["containers"] if c["name"] == "sidecar"]
 
-    # the `metrics` port exists only with metricsPort > 0 (the static render keeps every branch)
+    # the `metrics` port exists only with metricsPort > 0, `decision` only in decision mode (the static render keeps
+    # every branch)
     ports = {port["containerPort"]: port["name"] for port in container["ports"]
              if not port["name"].endswith("metrics")}
-    assert set(ports) == {8080, admin_port}
+    assert set(ports) - {decision_port} == {8080, admin_port}
     for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
         http_get = container[probe]["httpGet"]
         assert http_get["path"] == path
@@ -245,10 +246,34 @@ def test_service_and_service_account():
     assert {port["name"]: port["targetPort"] for port in service["spec"]["ports"] if port["name"] != "metrics"} == {
         "http": "http",
         "admin": "admin",
+        "decision": "decision",  # kept by the static renderer; only with mode decision or both (see below)
     }
     account = _one(_static_docs("serviceaccount.yaml"), "ServiceAccount")
     assert account["automountServiceAccountToken"] is False
     assert _values()["serviceAccount"]["create"] is True
+
+
+def test_decision_mode_adds_port_argument_service_port_and_network_policy_rule():
+    """mode decision/both: --decision-port and SIDECAR_DECISION_HOST, a `decision` container and Service port, and
+    a NetworkPolicy rule admitting only networkPolicy.decisionFrom to it; all guarded by `ne .Values.mode "proxy"`."""
+    values = _values()
+    assert values["mode"] == "proxy"
+    assert values["networkPolicy"]["decisionFrom"] == []
+    deployment = _one(_static_docs("deployment.yaml"), "Deployment")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    args = container["args"]
+    assert args[args.index("--decision-port") + 1] == "9100"
+    assert {"name": PLACEHOLDER + "decision", "containerPort": 9100, "protocol": "TCP"} in container["ports"]  # $prefix
+    assert {"name": "SIDECAR_DECISION_HOST", "value": "0.0.0.0"} in container["env"]
+    service = _one(_static_docs("service.yaml"), "Service")
+    assert {"name": "decision", "port": 9100, "targetPort": "decision", "protocol": "TCP"} in service["spec"]["ports"]
+    policy = _one(_static_docs("networkpolicy.yaml"), "NetworkPolicy")
+    rules = {rule["ports"][0]["port"]: rule for rule in policy["spec"]["ingress"]}
+    assert "from" in rules["decision"]  # networkPolicy.decisionFrom (toYaml, dropped statically), never "any"
+    for name in ("_sidecar-container.tpl", "service.yaml", "networkpolicy.yaml"):
+        text = (TEMPLATES / name).read_text()
+        assert text.count('{{- if ne .Values.mode "proxy" }}') >= 1, name
+    assert '(list "proxy" "decision" "both")' in (TEMPLATES / "_sidecar-container.tpl").read_text()
 
 
 def test_sidecar_container_template_is_reusable():

@@ -180,8 +180,8 @@ def test_metrics_have_the_spec_series_and_no_credential():
     for series in ("sidecar_requests_total", "sidecar_request_duration_seconds", "sidecar_auth_cache_total",
                    "sidecar_webhook_deliveries_total", "sidecar_upstream_errors_total"):
         assert series in text
-    assert 'sidecar_requests_total{decision="allow",route="all",status_class="2xx"} 1.0' in text
-    assert 'sidecar_requests_total{decision="deny",route="guarded",status_class="4xx"} 1.0' in text
+    assert 'sidecar_requests_total{decision="allow",mode="proxy",route="all",status_class="2xx"} 1.0' in text
+    assert 'sidecar_requests_total{decision="deny",mode="proxy",route="guarded",status_class="4xx"} 1.0' in text
     assert "super-secret" not in text
     assert "secret-path-segment" not in text
 

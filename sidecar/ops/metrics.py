@@ -54,8 +54,8 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        self.requests = Counter("sidecar_requests", "Requests by route, decision and status class",
-                                ["route", "decision", "status_class"], registry=r)
+        self.requests = Counter("sidecar_requests", "Requests by route, decision, status class and mode",
+                                ["route", "decision", "status_class", "mode"], registry=r)
         self.duration = Histogram("sidecar_request_duration_seconds", "Total time per request", ["route"],
                                   buckets=LATENCY_BUCKETS, registry=r)
         self.upstream_duration = Histogram("sidecar_upstream_duration_seconds", "Upstream time per request",
@@ -79,13 +79,14 @@ class Metrics:
         self.websocket_bytes = Counter("sidecar_websocket_bytes", "Bytes through WebSocket tunnels by direction",
                                        ["direction"], registry=r)
         self._redis: dict[str, Gauge] = {}
-        self._requests: dict[tuple[str, str, str], int] = {}
+        self._requests: dict[tuple[str, str, str, str], int] = {}
         self._durations: dict[str, _Observations] = {}
         self._upstream: dict[str, _Observations] = {}
         self._cache: dict[str, int] = {}
 
-    def request(self, route: str, decision: str, total: float, upstream: float | None, status: int = 0) -> None:
-        key = (route, decision, STATUS_CLASSES[status // 100] if 0 < status < 600 else "-")
+    def request(self, route: str, decision: str, total: float, upstream: float | None, status: int = 0,
+                mode: str = "proxy") -> None:
+        key = (route, decision, STATUS_CLASSES[status // 100] if 0 < status < 600 else "-", mode)
         self._requests[key] = self._requests.get(key, 0) + 1
         observations = self._durations.get(route)
         if observations is None:
@@ -120,8 +121,8 @@ class Metrics:
 
     def flush(self) -> None:
         requests, self._requests = self._requests, {}
-        for (route, decision, status_class), count in requests.items():
-            self.requests.labels(route, decision, status_class).inc(count)
+        for (route, decision, status_class, mode), count in requests.items():
+            self.requests.labels(route, decision, status_class, mode).inc(count)
         self.in_flight_gauge.set(self.in_flight)
         cache, self._cache = self._cache, {}
         for result, count in cache.items():

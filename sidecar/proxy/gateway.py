@@ -54,12 +54,14 @@ class Exchange:
     """One request on its way through the gateway: what its audit line records, and whether its reply has started
     (after which a refusal can only be audited, no longer answered)."""
 
-    __slots__ = ("auth_name", "decision", "detail", "identity", "method", "path", "plan", "preflight", "reason",
-                 "request", "responded", "response_bytes", "seen", "started", "status", "trace", "upstream_seconds")
+    __slots__ = ("auth_name", "decision", "detail", "identity", "method", "mode", "path", "plan", "preflight",
+                 "reason", "request", "responded", "response_bytes", "seen", "started", "status", "trace",
+                 "upstream_seconds")
 
-    def __init__(self, method: str, seen: SeenHeaders) -> None:
+    def __init__(self, method: str, seen: SeenHeaders, mode: str = "proxy") -> None:
         self.started = time.perf_counter()
         self.method = method
+        self.mode = mode  # "proxy", or "decision" when a data plane asked (sidecar/proxy/decision.py)
         self.seen = seen
         self.path: str | None = None
         self.plan: RoutePlan | None = None
@@ -82,8 +84,8 @@ class Exchange:
         return self.plan.route.id if self.plan is not None else None
 
     def audit_line(self, route: str | None, total: float) -> dict[str, Any]:
-        line: dict[str, Any] = {"request_id": self.seen.request_id, "method": self.method, "route": route,
-                                "user_agent": self.seen.user_agent}
+        line: dict[str, Any] = {"request_id": self.seen.request_id, "mode": self.mode, "method": self.method,
+                                "route": route, "user_agent": self.seen.user_agent}
         if self.trace is not None:
             line["trace_id"] = self.trace.trace_id
         if self.path is not None:
@@ -113,16 +115,11 @@ class Gateway:
         exchange = Exchange(scope["method"], scan_headers(scope["headers"]))
         exchange.trace = tracing.start_request(scope)  # None when tracing is off
         try:
-            plan, request = self.route(policy, scope, exchange)
+            plan, request, auth, identity = await self.decide(policy, scope, receive, exchange)
+            websocket = scope.get(WEBSOCKET)  # a WebSocket handshake (server/http_protocol.py)
             if exchange.preflight:  # a CORS preflight on a route with `cors`: answered here, never forwarded
                 await self.answer_preflight(plan, request, send, exchange)
-                self.record(exchange)
-                return
-            if plan.needs_body:
-                request.body = await read_body(receive, plan.config.max_body, exchange.seen.content_length)
-            auth, identity = await self.admit(policy, plan, request, exchange)
-            websocket = scope.get(WEBSOCKET)  # a WebSocket handshake (server/http_protocol.py)
-            if websocket is None:
+            elif websocket is None:
                 await self.forward(policy, plan, request, auth, identity, receive, send, exchange)
             else:
                 await self.tunnel(policy, plan, request, identity, websocket, send, exchange)
@@ -135,6 +132,20 @@ class Gateway:
             self.record(exchange)
             raise
         self.record(exchange)
+
+    async def decide(self, policy: Policy, scope: dict[str, Any], receive: Any,
+                     exchange: Exchange) -> tuple[RoutePlan, RequestView, Authenticator | None, Identity | None]:
+        """Route, read the body when an authenticator needs it, authenticate and authorise: the decision proxy mode and
+        decision mode (sidecar/proxy/decision.py) share. Raises a `Refusal` for every way a request is turned away.
+        No identity comes back for a CORS preflight (`exchange.preflight`: it carries no credential) and for a
+        refusal on a report-only route (`exchange.decision` is then `would_deny`)."""
+        plan, request = self.route(policy, scope, exchange)
+        if exchange.preflight:
+            return plan, request, None, None
+        if plan.needs_body:
+            request.body = await read_body(receive, plan.config.max_body, exchange.seen.content_length)
+        auth, identity = await self.admit(policy, plan, request, exchange)
+        return plan, request, auth, identity
 
     def route(self, policy: Policy, scope: dict[str, Any], exchange: Exchange) -> tuple[RoutePlan, RequestView]:
         """The request's route and its view, once the head is known to be well-formed (400 / 404 / 431 if not)."""
@@ -201,7 +212,7 @@ class Gateway:
         if plan is None or plan.config.audit:  # route `audit: false` (probes): metrics only
             self.services.audit.record(line)
         self.services.metrics.request(route or "-", exchange.decision, total, exchange.upstream_seconds,
-                                      exchange.status)
+                                      exchange.status, exchange.mode)
         if exchange.trace is not None:
             exchange.trace.end(line)
 

@@ -182,14 +182,25 @@ def build_headers(
     out.append((b"x-forwarded-host", forwarded_host or host))
     out.append((b"x-request-id", request.request_id.encode()))
     if identity is not None:
-        out.extend(names.encoded(identity))
-        if signed_token:
-            out.append((names.token, signed_token.encode()))
+        add_identity(out, names, identity, signed_token)
     cert = request.client_cert
     if cert is not None:  # the client-sent copies were dropped above with the rest of the identity prefix
         out.append((names.cert_subject, _header_value(cert.subject)))
         out.append((names.cert_sha256, cert.sha256.encode()))
     return out
+
+
+def add_identity(out: Headers, names: IdentityHeaders, identity: Identity, signed_token: str | None) -> None:
+    """The identity headers (and the signed identity token when configured): to the upstream in proxy mode, to the
+    data plane in decision mode (sidecar/proxy/decision.py)."""
+    out.extend(names.encoded(identity))
+    if signed_token:
+        out.append((names.token, signed_token.encode()))
+
+
+def client_identity_headers(headers: Headers, names: IdentityHeaders) -> list[bytes]:
+    """The names of client-sent headers in the identity namespace (any spelling a backend reads as one)."""
+    return [key for key, _ in headers if normalised_name(key).startswith(names.prefix)]
 
 
 def strip_cookies(header: bytes, names: frozenset[str]) -> bytes:

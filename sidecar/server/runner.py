@@ -1,9 +1,10 @@
-"""Serving: the main port and the admin port in each worker process, under uvicorn (httptools, uvloop).
+"""Serving: the main port, the admin port and (with `--decision-port`) the decision port in each worker process,
+under uvicorn (httptools, uvloop).
 
 uvicorn's own proxy-header handling is off (it would trust 127.0.0.1's X-Forwarded-For before we run: we
 apply `trusted_proxies` ourselves) and so is its access log (it prints query strings, which may carry
 credentials). With `--workers N` the parent binds both sockets and supervises N spawned workers that share
-them; it restarts a worker that dies and passes SIGTERM/SIGINT/SIGHUP on."""
+them (the decision socket too); it restarts a worker that dies and passes SIGTERM/SIGINT/SIGHUP on."""
 
 from __future__ import annotations
 
@@ -115,12 +116,18 @@ class Serving:
 
     def __init__(self, config_path: str, main_sock: socket.socket, admin_sock: socket.socket,
                  graceful: float = 30.0, tls: ListenerTls | None = None, admin_tls: ListenerTls | None = None,
-                 metrics_sock: socket.socket | None = None) -> None:
+                 metrics_sock: socket.socket | None = None, decision_sock: socket.socket | None = None,
+                 decision_grpc: tuple[str, int] | None = None) -> None:
         """`tls`: the main listener's files from the command line (else the configuration's `listen:` block);
-        `admin_tls`: the admin port's, which is otherwise plain; `metrics_sock`: a listener for /metrics only."""
+        `admin_tls`: the admin port's, which is otherwise plain; `metrics_sock`: a listener for /metrics only;
+        `decision_sock`: the decision listener's socket (sidecar/proxy/decision.py), served over the same `Services`
+        and gateway as the main port; `decision_grpc`: (host, port) of Envoy's gRPC ext_authz service
+        (sidecar/proxy/decision_grpc.py, the `grpc` extra)."""
         self.config_path = config_path
         self.sockets = (main_sock, admin_sock)
         self.metrics_sock = metrics_sock
+        self.decision_sock = decision_sock
+        self.decision_grpc = decision_grpc
         self.graceful = graceful
         self.tls = tls
         self.admin_tls = admin_tls
@@ -166,6 +173,18 @@ class Serving:
 
             side_servers.append((SignalFreeServer(_uvicorn_config(MetricsOnly(services.metrics), graceful=1.0)),
                                  self.metrics_sock))
+        grpc_server = None
+        if self.decision_sock is not None or self.decision_grpc is not None:
+            from sidecar.proxy.decision import DecisionApp
+
+            decisions = DecisionApp(main_app.gateway)
+            if self.decision_sock is not None:
+                side_servers.append((SignalFreeServer(_uvicorn_config(GraceCutoff(decisions), graceful=self.graceful)),
+                                     self.decision_sock))
+            if self.decision_grpc is not None:
+                from sidecar.proxy.decision_grpc import start_server
+
+                grpc_server = await start_server(decisions, *self.decision_grpc)
         side_tasks = [asyncio.ensure_future(server.serve(sockets=[sock])) for server, sock in side_servers]
         main_task = asyncio.ensure_future(main.serve(sockets=[self.sockets[0]]))
         while not (main.started and all(server.started for server, _ in side_servers)) and not main_task.done():
@@ -179,6 +198,8 @@ class Serving:
                 watcher.cancel()
             for server, _ in side_servers:
                 server.should_exit = True
+            if grpc_server is not None:
+                await grpc_server.stop(self.graceful)
             for task in side_tasks:
                 await task
             await services.aclose()
@@ -212,7 +233,8 @@ def startup_fields(serving: Serving) -> dict[str, Any]:
 
 def _run_worker(config_path: str, main_sock: socket.socket, admin_sock: socket.socket, graceful: float,
                 tls: ListenerTls | None = None, admin_tls: ListenerTls | None = None,
-                metrics_sock: socket.socket | None = None) -> None:
+                metrics_sock: socket.socket | None = None, decision_sock: socket.socket | None = None,
+                decision_grpc: tuple[str, int] | None = None) -> None:
     from sidecar.ops.logging_setup import configure
 
     configure()
@@ -223,7 +245,8 @@ def _run_worker(config_path: str, main_sock: socket.socket, admin_sock: socket.s
     except ImportError:
         runner = asyncio.Runner()
     with runner:
-        runner.run(Serving(config_path, main_sock, admin_sock, graceful, tls, admin_tls, metrics_sock).run())
+        runner.run(Serving(config_path, main_sock, admin_sock, graceful, tls, admin_tls, metrics_sock, decision_sock,
+                           decision_grpc).run())
 
 
 class ListenError(Exception):
@@ -241,7 +264,10 @@ def _listen(host: str, port: int, what: str) -> socket.socket:
 
 def run(config_path: str, host: str, port: int, admin_host: str, admin_port: int, workers: int,
         graceful: float = 30.0, tls: ListenerTls | None = None, admin_tls: ListenerTls | None = None,
-        metrics_port: int | None = None) -> int:
+        metrics_port: int | None = None, decision: tuple[str, int] | None = None,
+        decision_grpc: tuple[str, int] | None = None) -> int:
+    """`decision`: (host, port) of the decision listener, when `--decision-port` is given; `decision_grpc`: of the
+    gRPC ext_authz service (`--decision-grpc-port`), bound by each worker (SO_REUSEPORT)."""
     os.environ["SIDECAR_WORKERS"] = str(max(1, workers))
     main_sock = _listen(host, port, "--port")
     opened = [main_sock]
@@ -253,15 +279,24 @@ def run(config_path: str, host: str, port: int, admin_host: str, admin_port: int
         for sock in opened:
             sock.close()
         raise
+    try:
+        decision_sock = _listen(*decision, "--decision-port") if decision else None
+    except ListenError:
+        main_sock.close()
+        admin_sock.close()
+        raise
     if workers <= 1:
-        _run_worker(config_path, main_sock, admin_sock, graceful, tls, admin_tls, metrics_sock)
+        _run_worker(config_path, main_sock, admin_sock, graceful, tls, admin_tls, metrics_sock, decision_sock,
+                    decision_grpc)
         return 0
-    return _supervise(config_path, main_sock, admin_sock, workers, graceful, tls, admin_tls, metrics_sock)
+    return _supervise(config_path, main_sock, admin_sock, workers, graceful, tls, admin_tls, metrics_sock,
+                      decision_sock, decision_grpc)
 
 
 def _supervise(config_path: str, main_sock: socket.socket, admin_sock: socket.socket, workers: int,
                graceful: float, tls: ListenerTls | None = None, admin_tls: ListenerTls | None = None,
-               metrics_sock: socket.socket | None = None) -> int:
+               metrics_sock: socket.socket | None = None, decision_sock: socket.socket | None = None,
+               decision_grpc: tuple[str, int] | None = None) -> int:
     context = multiprocessing.get_context("spawn")
     stopping = 0  # the signal that asked us to stop
     os.environ["SIDECAR_SUPERVISOR_PID"] = str(os.getpid())
@@ -269,7 +304,8 @@ def _supervise(config_path: str, main_sock: socket.socket, admin_sock: socket.so
 
     def spawn() -> Any:
         process = context.Process(target=_run_worker, daemon=False,
-                                  args=(config_path, main_sock, admin_sock, graceful, tls, admin_tls, metrics_sock))
+                                  args=(config_path, main_sock, admin_sock, graceful, tls, admin_tls, metrics_sock,
+                                        decision_sock, decision_grpc))
         process.start()
         return process
 
@@ -285,6 +321,8 @@ def _supervise(config_path: str, main_sock: socket.socket, admin_sock: socket.so
         admin_sock.close()
         if metrics_sock is not None:
             metrics_sock.close()
+        if decision_sock is not None:
+            decision_sock.close()
 
     def on_signal(sig: int, frame: Any) -> None:
         nonlocal stopping

@@ -13,6 +13,9 @@ In sidecar mode the ports are named sidecar-http, sidecar-admin (and sidecar-met
 within a pod and a backend usually has its own "http".
 */}}
 {{- define "sidecar.container" -}}
+{{- if not (has .Values.mode (list "proxy" "decision" "both")) -}}
+{{- fail "mode must be proxy, decision or both" -}}
+{{- end -}}
 {{- $prefix := ternary "sidecar-" "" (eq (toString .Values.sidecarMode.enabled) "true") -}}
 - name: sidecar
   image: {{ include "sidecar.image" . | quote }}
@@ -37,6 +40,10 @@ within a pod and a backend usually has its own "http".
     - --metrics-port
     - {{ .Values.metricsPort | quote }}
     {{- end }}
+    {{- if ne .Values.mode "proxy" }}
+    - --decision-port
+    - {{ .Values.containerPorts.decision | quote }}
+    {{- end }}
     {{- with .Values.extraArgs }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
@@ -50,6 +57,10 @@ within a pod and a backend usually has its own "http".
     {{- if gt (int .Values.metricsPort) 0 }}
     - name: {{ $prefix }}metrics
       containerPort: {{ .Values.metricsPort }}
+    {{- end }}
+    {{- if ne .Values.mode "proxy" }}
+    - name: {{ $prefix }}decision
+      containerPort: {{ .Values.containerPorts.decision }}
       protocol: TCP
     {{- end }}
   env:
@@ -66,6 +77,10 @@ within a pod and a backend usually has its own "http".
       value: "parentbased_traceidratio"
     - name: OTEL_TRACES_SAMPLER_ARG
       value: {{ .Values.tracing.sampleRatio | quote }}
+    {{- end }}
+    {{- if ne .Values.mode "proxy" }}
+    - name: SIDECAR_DECISION_HOST
+      value: {{ .Values.decisionHost | quote }}
     {{- end }}
     {{- with .Values.secrets.existingSecret }}
     {{- if $.Values.secrets.adminTokenKey }}

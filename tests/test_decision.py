@@ -202,7 +202,7 @@ def test_decisions_are_audited_and_counted_with_their_mode(sidecar: RunningSidec
     assert (lines["decision-deny"]["reason"], lines["decision-deny"]["status"]) == ("insufficient_scope", 403)
     assert "access_token" not in json.dumps(lines)
     metrics = httpx.get(sidecar.admin_url + "/metrics", trust_env=False).text
-    assert 'sidecar_requests_total{decision="allow",mode="decision",route="api"}' in metrics
+    assert 'sidecar_requests_total{decision="allow",mode="decision",route="api",status_class="2xx"}' in metrics
 
 
 def test_decision_port_is_loopback_by_default(tmp_path: object, shared_upstream: RecordingUpstream,

@@ -49,9 +49,9 @@ def test_build_info_status_classes_and_in_flight_gauge():
     assert f'sidecar_build_info{{python="{python}",version="{__version__}"}} 1.0' in during
     assert "sidecar_in_flight_requests 1.0" in during
     assert "sidecar_in_flight_requests 0.0" in after
-    assert 'sidecar_requests_total{decision="allow",route="all",status_class="2xx"} 1.0' in after
-    assert 'sidecar_requests_total{decision="deny",route="locked",status_class="4xx"} 1.0' in after
-    assert 'sidecar_requests_total{decision="allow",route="slow",status_class="2xx"} 1.0' in after
+    assert 'sidecar_requests_total{decision="allow",mode="proxy",route="all",status_class="2xx"} 1.0' in after
+    assert 'sidecar_requests_total{decision="deny",mode="proxy",route="locked",status_class="4xx"} 1.0' in after
+    assert 'sidecar_requests_total{decision="allow",mode="proxy",route="slow",status_class="2xx"} 1.0' in after
     assert "process_cpu_seconds_total" in after
 
 
@@ -73,7 +73,7 @@ def test_metrics_port_serves_only_metrics_and_process_series_under_workers(tmp_p
                 text = httpx.get(metrics_url + "/metrics").text
             admin = httpx.get(metrics_url + "/admin/clients", headers={"Authorization": "Bearer ops-admin-token"})
             healthz = httpx.get(metrics_url + "/healthz")
-    assert 'sidecar_requests_total{decision="allow",route="all",status_class="2xx"} 4.0' in text
+    assert 'sidecar_requests_total{decision="allow",mode="proxy",route="all",status_class="2xx"} 4.0' in text
     assert admin.status_code == 404
     assert healthz.status_code == 404
     for series in ("process_cpu_seconds_total", "process_resident_memory_bytes", "process_open_fds",

@@ -22,6 +22,7 @@ from sidecar.proxy.route_plans import Policy
 from sidecar.proxy.transports.base import Transport
 from sidecar.proxy.transports.registry import make_transport
 from sidecar.proxy.verdict_cache import StoreVerdicts, VerdictCache
+from sidecar.state.attempt_limits import AttemptLimits
 from sidecar.state.client_public_keys import PUBLIC_KEY_UPDATED, ClientKeys
 from sidecar.state.client_token_store import ClientTokens
 from sidecar.state.store import make_store
@@ -87,6 +88,7 @@ class Services:
         )
         self.client_tokens = ClientTokens(self.store, config.clients, on_revoked=self._evict_token)
         self.client_keys = ClientKeys(self.store)
+        self.attempts = AttemptLimits(self.store, config.limits.attempts, self.audit, self.metrics)
         self.events = Events()
         self.webhooks = Webhooks(self)
         self.events.add_sink(self.webhooks.enqueue)
@@ -255,6 +257,7 @@ class Services:
         self.loaded = loaded
         self.policy = policy
         self.client_tokens.configure(config.clients)
+        self.attempts.configure(config.limits.attempts)
         self.cache.configure(config.cache.ttl, config.cache.negative_ttl, config.cache.max_entries)
         self._forget_verdicts_of_changed(old, policy)
         self.signing.issuer = config.issuer.issuer if config.issuer else ""

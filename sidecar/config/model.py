@@ -16,6 +16,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from sidecar.authn.remote_check import RemoteCheck
 from sidecar.config.clients import ClientConfig
+from sidecar.config.limits import LimitsConfig
 from sidecar.config.types import Duration, Model, Network, load_private_key
 from sidecar.outbound.guard import url_refusal
 from sidecar.state.redis_target import parse_redis_url
@@ -314,6 +315,7 @@ class Config(Model):
     issuer: IssuerConfig | None = None
     webhooks: list[WebhookConfig] = []
     webhook_retry: RetryConfig = RetryConfig()
+    limits: LimitsConfig = LimitsConfig()
 
     @field_validator("upstream")
     @classmethod

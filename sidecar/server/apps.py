@@ -9,6 +9,7 @@ from sidecar.config.model import LoadedConfig
 from sidecar.issuer.endpoints import issuer_app, issuer_prefix
 from sidecar.ops.admin_api import admin_app
 from sidecar.proxy.gateway import Gateway
+from sidecar.proxy.overload import answer_overloaded
 from sidecar.runtime import Services
 from sidecar.webhooks.admin_routes import admin_routes as webhook_admin_routes
 
@@ -20,13 +21,23 @@ class MainApp:
         self.prefix = issuer_prefix(services)
         self.prefix_slash = self.prefix + "/"
         self.issuer = issuer_app(services)
+        self.in_flight = 0  # requests this worker is serving now (limits.max_in_flight, sidecar/proxy/overload.py)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "http":
-            if scope["path"].startswith(self.prefix_slash):
-                await self.issuer(scope, receive, send)
-            else:
-                await self.gateway(scope, receive, send)
+            limits = self.services.config.limits
+            if self.in_flight >= limits.max_in_flight > 0:
+                services = self.services
+                await answer_overloaded(limits.retry_after, scope["method"], send, services.audit, services.metrics)
+                return
+            self.in_flight += 1
+            try:
+                if scope["path"].startswith(self.prefix_slash):
+                    await self.issuer(scope, receive, send)
+                else:
+                    await self.gateway(scope, receive, send)
+            finally:
+                self.in_flight -= 1
         else:  # websockets are not proxied (no lifespan scope comes: the runner starts uvicorn with lifespan="off")
             await send({"type": "websocket.close", "code": 1008})
 

@@ -84,7 +84,7 @@ class Services:
         self.cache = VerdictCache(
             config.cache.ttl, config.cache.negative_ttl, config.cache.max_entries,
             shared=StoreVerdicts(self.store) if self.store.shared else None,
-            on_result=self.metrics.cache_result,
+            on_result=self.metrics.cache_result, max_bytes=config.cache.max_bytes,
         )
         self.client_tokens = ClientTokens(self.store, config.clients, on_revoked=self._evict_token)
         self.client_keys = ClientKeys(self.store)
@@ -201,6 +201,8 @@ class Services:
         await self._load_jwks()
 
     async def _flush_metrics(self) -> None:
+        self.metrics.cache_bytes.set(self.cache.local.bytes)
+        self.metrics.cache_entries.set(len(self.cache.local))
         self.metrics.flush()
 
     async def _every(self, seconds: float, job: Callable[[], Awaitable[None]]) -> None:
@@ -258,7 +260,8 @@ class Services:
         self.policy = policy
         self.client_tokens.configure(config.clients)
         self.attempts.configure(config.limits.attempts)
-        self.cache.configure(config.cache.ttl, config.cache.negative_ttl, config.cache.max_entries)
+        self.cache.configure(config.cache.ttl, config.cache.negative_ttl, config.cache.max_entries,
+                             config.cache.max_bytes)
         self._forget_verdicts_of_changed(old, policy)
         self.signing.issuer = config.issuer.issuer if config.issuer else ""
         self._identity_tokens.clear()

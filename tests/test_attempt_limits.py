@@ -154,7 +154,8 @@ def test_key_endpoint_json_and_soap_are_limited(shared_upstream: RecordingUpstre
     with running_sidecar(limits_config(shared_upstream.url, signing, per_address=4)) as sc, \
             client_from("127.0.0.2") as attacker, client_from("127.0.0.1") as partner:
         keys = sc.url + "/_sidecar/keys"
-        assert attacker.post(keys, json={"user": "maria", "expiry_minutes": 5}, auth=("totvs", "bad")).status_code == 401
+        bad_basic = attacker.post(keys, json={"user": "maria", "expiry_minutes": 5}, auth=("totvs", "bad"))
+        assert bad_basic.status_code == 401
         assert attacker.post(keys, json={"user": "maria", "expiry_minutes": 5},
                              headers={"X-Client-Token": "sct_unknown"}).status_code == 401
         assert token(attacker, sc.url, "bad").status_code == 401

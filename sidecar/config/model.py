@@ -28,6 +28,9 @@ class CacheConfig(Model):
     ttl: Duration = 300.0
     negative_ttl: Duration = 10.0
     max_entries: int = Field(default=100_000, ge=1)
+    # The local verdict cache's memory budget per worker, in bytes (README "Limits and overload"; the Helm chart's
+    # memory limit is derived from it).
+    max_bytes: int = Field(default=32 * 1024 * 1024, ge=64 * 1024)
     stale_if_error: Duration = 0.0
 
 

@@ -53,6 +53,10 @@ class Metrics:
         self.overloaded = Counter("sidecar_overloaded", "Requests answered 503 overloaded (limits.max_in_flight)",
                                   registry=r)
         self._overloaded = 0
+        self.cache_bytes = Gauge("sidecar_verdict_cache_bytes", "Estimated bytes held by the local verdict cache "
+                                 "(bounded by cache.max_bytes per worker)", registry=r, multiprocess_mode="livesum")
+        self.cache_entries = Gauge("sidecar_verdict_cache_entries", "Verdicts held by the local verdict cache",
+                                   registry=r, multiprocess_mode="livesum")
         self._redis: dict[str, Gauge] = {}
         self._requests: dict[tuple[str, str], int] = {}
         self._durations: dict[str, _Observations] = {}

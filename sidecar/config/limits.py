@@ -29,3 +29,12 @@ class LimitsConfig(Model):
     # Requests a worker serves at once on the main port; beyond it, 503 overloaded at once. 0: no bound.
     max_in_flight: int = Field(default=1000, ge=0)
     retry_after: Duration = 1.0  # the Retry-After of a 503 overloaded, in seconds
+
+
+class BreakerConfig(Model):
+    """A webhook receiver's circuit breaker: open after `failures` consecutive failed attempts (timeouts, 5xx,
+    no connection); after `cooldown` one probe is let through (half-open) — it closes the breaker or opens it
+    again."""
+
+    failures: int = Field(default=5, ge=1)
+    cooldown: Duration = 30.0

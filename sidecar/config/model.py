@@ -16,7 +16,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from sidecar.authn.remote_check import RemoteCheck
 from sidecar.config.clients import ClientConfig
-from sidecar.config.limits import LimitsConfig
+from sidecar.config.limits import BreakerConfig, LimitsConfig
 from sidecar.config.types import Duration, Model, Network, load_private_key
 from sidecar.outbound.guard import url_refusal
 from sidecar.state.redis_target import parse_redis_url
@@ -217,6 +217,8 @@ class WebhookConfig(Model):
     secret: str | list[str] = Field(repr=False)  # never printed, logged or shown
     retry: RetryConfig | None = None
     timeout: Duration = 10.0
+    max_concurrent: int = Field(default=4, ge=1)  # attempts in flight to this receiver per process
+    breaker: BreakerConfig = BreakerConfig()
 
     @field_validator("url")
     @classmethod

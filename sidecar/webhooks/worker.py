@@ -9,7 +9,8 @@ dead-lettered after the last try, and visible in the admin API.
 
 Queuing an event is one XADD (concurrent ones share a round trip) and never waits for a receiver;
 deliveries run in a background worker with at most `WORKERS` attempts in flight per process, each bounded
-by the webhook's `timeout`.
+by the webhook's `timeout`, at most `max_concurrent` of them to one receiver, and none to a receiver whose
+circuit breaker is open (sidecar/webhooks/isolation.py).
 Signing follows Standard Webhooks (the `standardwebhooks` package): `webhook-id` (the delivery id, the same
 on every attempt), `webhook-timestamp`, and one `v1,` signature per configured secret (rotation).
 """
@@ -30,6 +31,7 @@ import httpx
 from standardwebhooks import Webhook as StandardWebhook
 
 from sidecar.outbound.guard import UnsafeDestination, delivery_client
+from sidecar.webhooks.isolation import ReceiverGuards
 from sidecar.webhooks.queue import Delivery, DeliveryQueue, MemoryQueue, Ticket, iso8601
 from sidecar.webhooks.redis_queue import LEASE, RedisQueue
 
@@ -86,6 +88,7 @@ class Webhooks:
         self._disabled: dict[str, object] = {}  # webhook id -> the configuration in force when it answered 410
         self._routing: tuple[object, dict[str, list[WebhookConfig]]] = (None, {})  # configuration, event -> webhooks
         self._clients: dict[bool, httpx.AsyncClient] = {}
+        self.guards = ReceiverGuards()  # per receiver: concurrency and circuit breaker (webhooks/isolation.py)
 
     # -- events in --------------------------------------------------------------------------------------------
 
@@ -208,9 +211,27 @@ class Webhooks:
             elif self.disabled(webhook.id):
                 await self._settle(ticket, delivery, "failed", _gone(webhook.id), outcome="disabled")
             else:
-                await self._attempted(ticket, delivery, webhook, *await self._attempt(webhook, delivery))
+                await self._guarded_attempt(ticket, delivery, webhook)
         except Exception:  # in Redis the entry stays pending and is taken over after the lease
             log.exception("webhook delivery %s failed inside the sidecar", ticket.delivery)
+
+    async def _guarded_attempt(self, ticket: Ticket, delivery: Delivery, webhook: WebhookConfig) -> None:
+        """Attempt it unless its receiver is at `max_concurrent` or its breaker is open: then defer it (the attempt
+        not counted) instead of holding one of the worker's slots."""
+        guard = self.guards.guard(webhook.id)
+        deferred = guard.admit(webhook, time.time())
+        if deferred is not None:
+            wait, why = deferred
+            await self.queue.schedule(ticket, delivery, time.time() + wait, why, uncount=True)
+            self.context.metrics.webhooks.labels("deferred").inc()
+            self._due_changed.set()
+            return
+        verdict, error = "retry", "the attempt did not finish"
+        try:
+            verdict, error = await self._attempt(webhook, delivery)
+        finally:
+            guard.done(webhook, verdict == "retry", time.time())
+        await self._attempted(ticket, delivery, webhook, verdict, error)
 
     async def _attempted(self, ticket: Ticket, delivery: Delivery, webhook: WebhookConfig, verdict: str,
                          error: str) -> None:

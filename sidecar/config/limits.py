@@ -38,3 +38,11 @@ class BreakerConfig(Model):
 
     failures: int = Field(default=5, ge=1)
     cooldown: Duration = 30.0
+
+
+class SpoolConfig(Model):
+    """`webhook_spool:` where events raised while Redis cannot take them wait (README "Limits and overload").
+    `dir` unset: `sidecar-webhook-spool` in the temporary directory (the Helm chart's /tmp emptyDir)."""
+
+    dir: str | None = None
+    max_bytes: int = Field(default=32 * 1024 * 1024, ge=4096)

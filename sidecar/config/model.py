@@ -16,7 +16,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from sidecar.authn.remote_check import RemoteCheck
 from sidecar.config.clients import ClientConfig
-from sidecar.config.limits import BreakerConfig, LimitsConfig
+from sidecar.config.limits import BreakerConfig, LimitsConfig, SpoolConfig
 from sidecar.config.types import Duration, Model, Network, load_private_key
 from sidecar.outbound.guard import url_refusal
 from sidecar.state.redis_target import parse_redis_url
@@ -321,6 +321,7 @@ class Config(Model):
     webhooks: list[WebhookConfig] = []
     webhook_retry: RetryConfig = RetryConfig()
     limits: LimitsConfig = LimitsConfig()
+    webhook_spool: SpoolConfig = SpoolConfig()
 
     @field_validator("upstream")
     @classmethod

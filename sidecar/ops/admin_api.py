@@ -219,7 +219,7 @@ def redis_report(services: AdminContext) -> dict[str, Any] | None:
         if down:
             failing.append("admin API: minting and revoking tokens, public keys, identifiers")
             if services.policy.config.webhooks:
-                failing.append("webhooks: events raised now are not queued")
+                failing.append("webhooks: events raised now wait in the local spool")
         report["failing_closed"] = failing
     return report
 

@@ -30,10 +30,12 @@ from typing import TYPE_CHECKING, Any
 import httpx
 from standardwebhooks import Webhook as StandardWebhook
 
+from sidecar.config.limits import SpoolConfig
 from sidecar.outbound.guard import UnsafeDestination, delivery_client
 from sidecar.webhooks.isolation import ReceiverGuards
 from sidecar.webhooks.queue import Delivery, DeliveryQueue, MemoryQueue, Ticket, iso8601
 from sidecar.webhooks.redis_queue import LEASE, RedisQueue
+from sidecar.webhooks.spool import Spool
 
 if TYPE_CHECKING:
     from sidecar.config.model import RetryConfig, WebhookConfig
@@ -88,6 +90,7 @@ class Webhooks:
         self._disabled: dict[str, object] = {}  # webhook id -> the configuration in force when it answered 410
         self._routing: tuple[object, dict[str, list[WebhookConfig]]] = (None, {})  # configuration, event -> webhooks
         self._clients: dict[bool, httpx.AsyncClient] = {}
+        self.spool = Spool(SpoolConfig(), context.audit)  # events Redis could not take
         self.guards = ReceiverGuards()  # per receiver: concurrency and circuit breaker (webhooks/isolation.py)
 
     # -- events in --------------------------------------------------------------------------------------------
@@ -108,11 +111,12 @@ class Webhooks:
             return
         now = time.time()
         body = _dumps({"type": event, "timestamp": iso8601(now), "data": data})
+        deliveries = [Delivery.new(event, webhook.id, body, now) for webhook in targets]
         try:
-            await self.queue.add([Delivery.new(event, webhook.id, body, now) for webhook in targets])
-        except Exception as exc:  # the request that raised the event has been answered; say what was lost
-            log.error("event %s for webhooks %s was not queued: %s", event, [w.id for w in targets], exc)
-            return
+            await self.queue.add(deliveries)
+        except Exception as exc:  # the request that raised the event has been answered: keep it for later
+            self.spool.config = self.context.config.webhook_spool
+            self.spool.put(deliveries, f"{type(exc).__name__}: {exc}")
         await self.start()
 
     def disabled(self, webhook_id: str) -> bool:
@@ -127,7 +131,8 @@ class Webhooks:
             return
         self._running = True
         self._clients = {private: delivery_client(private, WORKERS) for private in (False, True)}
-        self._tasks = [asyncio.ensure_future(job()) for job in (self._read, self._promote, self._heartbeat)]
+        self._tasks = [asyncio.ensure_future(job()) for job in (self._read, self._promote, self._heartbeat,
+                                                                self._drain_spool)]
 
     async def aclose(self) -> None:
         """Stop reading; give attempts in flight a moment, then hand what is unfinished back to the queue."""
@@ -192,6 +197,20 @@ class Webhooks:
             self._due_changed.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._due_changed.wait(), wait)
+
+    async def _drain_spool(self) -> None:
+        """Queue what was spooled while Redis could not take it, once it can (looked at every second)."""
+        while True:
+            self.spool.config = self.context.config.webhook_spool
+            if self.spool.pending():
+                try:
+                    queued = await self.spool.drain(self.queue)
+                except Exception as exc:
+                    log.debug("webhook spool not drained yet: %s", exc)
+                else:
+                    if queued:
+                        log.warning("queued %d webhook deliveries kept in the spool while Redis was away", queued)
+            await asyncio.sleep(1.0)
 
     async def _heartbeat(self) -> None:
         """Keep the claim on deliveries in flight fresh, so a slow receiver is not mistaken for a dead worker."""

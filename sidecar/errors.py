@@ -13,6 +13,7 @@ renderer of every JSON error body (`error_body`).
     ├── PayloadTooLarge           413 payload_too_large
     ├── HeadersTooLarge           431 headers_too_large
     ├── TooManyAttempts           429 too_many_attempts (+ Retry-After): locked out after failed secret checks
+    ├── RateLimited               429 rate_limited (+ Retry-After): the route's rate_limit for this client or address
     ├── OAuthError                400 / 401 / 404 / 503: RFC 6749 §5.2 replies of the token and key endpoints
     │   └── SoapError             400 invalid_request: a generateMapToken envelope that cannot be read
     ├── Unavailable               decision "error": the sidecar or what it depends on failed, not the caller
@@ -140,6 +141,17 @@ class TooManyAttempts(Refusal):
 
     def __init__(self, retry_after: int) -> None:
         super().__init__(f"too many failed authentication attempts; try again in {retry_after} s")
+        self.retry_after = retry_after
+
+
+class RateLimited(Refusal):
+    """More requests than the route's `rate_limit` allows this client (or address): try again after Retry-After."""
+
+    status = 429
+    reason = "rate_limited"
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(f"too many requests; try again in {retry_after} s")
         self.retry_after = retry_after
 
 

@@ -18,6 +18,7 @@ from sidecar.issuer.signing_keys import IDENTITY_TOKEN_TYPE, SigningKeys
 from sidecar.ops.audit import AuditLog
 from sidecar.ops.metrics import Metrics
 from sidecar.outbound.guard import ServiceClient
+from sidecar.proxy.rate_limit import RateLimiter
 from sidecar.proxy.route_plans import Policy
 from sidecar.proxy.transports.base import Transport
 from sidecar.proxy.transports.registry import make_transport
@@ -88,6 +89,7 @@ class Services:
         )
         self.client_tokens = ClientTokens(self.store, config.clients, on_revoked=self._evict_token)
         self.client_keys = ClientKeys(self.store)
+        self.rate_limits = RateLimiter(self.store)
         self.attempts = AttemptLimits(self.store, config.limits.attempts, self.audit, self.metrics)
         self.events = Events()
         self.webhooks = Webhooks(self)

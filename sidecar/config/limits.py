@@ -3,6 +3,8 @@ the per-worker bound on requests in flight."""
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from sidecar.config.types import Duration, Model
@@ -46,3 +48,14 @@ class SpoolConfig(Model):
 
     dir: str | None = None
     max_bytes: int = Field(default=32 * 1024 * 1024, ge=4096)
+
+
+class RateLimitConfig(Model):
+    """A route's `rate_limit:` — at most `rps` requests a second per client (the identity's client, else its
+    subject) or per client address, with bursts of up to `burst` (GCRA, shared through Redis when configured).
+    `fail`: what to do when Redis cannot be asked — `open` lets the request through, `closed` answers 503."""
+
+    per: Literal["client", "ip"] = "client"
+    rps: float = Field(gt=0)
+    burst: int = Field(default=1, ge=1)
+    fail: Literal["open", "closed"] = "open"

@@ -16,7 +16,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from sidecar.authn.remote_check import RemoteCheck
 from sidecar.config.clients import ClientConfig
-from sidecar.config.limits import BreakerConfig, LimitsConfig, SpoolConfig
+from sidecar.config.limits import BreakerConfig, LimitsConfig, RateLimitConfig, SpoolConfig
 from sidecar.config.types import Duration, Model, Network, load_private_key
 from sidecar.outbound.guard import url_refusal
 from sidecar.state.redis_target import parse_redis_url
@@ -196,6 +196,7 @@ class RouteConfig(Model):
     emit: list[EmitConfig] = []
     login_url: str | None = None
     max_body: int = Field(default=1024 * 1024, ge=0)
+    rate_limit: RateLimitConfig | None = None
 
     @field_validator("upstream")
     @classmethod

@@ -106,6 +106,9 @@ class Gateway:
             exchange.auth_name, exchange.identity = auth.name, identity
             authorize(plan.config, identity, request.client_ip, policy.clients, auth.client_bound,
                       request.client_cert)
+            if plan.config.rate_limit is not None:
+                await self.services.rate_limits.check(plan.route.id, plan.config.rate_limit, identity,
+                                                      request.client_ip)
             await self.forward(policy, plan, request, auth, identity, receive, send, exchange)
         except Refusal as refusal:
             await self.refused(refusal, exchange, send)

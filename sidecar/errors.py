@@ -12,12 +12,15 @@ renderer of every JSON error body (`error_body`).
     ├── Conflict                  409 conflict (admin API)
     ├── PayloadTooLarge           413 payload_too_large
     ├── HeadersTooLarge           431 headers_too_large
+    ├── TooManyAttempts           429 too_many_attempts (+ Retry-After): locked out after failed secret checks
+    ├── RateLimited               429 rate_limited (+ Retry-After): the route's rate_limit for this client or address
     ├── OAuthError                400 / 401 / 404 / 503: RFC 6749 §5.2 replies of the token and key endpoints
     │   └── SoapError             400 invalid_request: a generateMapToken envelope that cannot be read
     ├── Unavailable               decision "error": the sidecar or what it depends on failed, not the caller
     │   ├── UpstreamUnavailable   502 upstream_unavailable / upstream_tls_failed
     │   ├── DependencyUnavailable 503 dependency_unavailable (Redis, a validation service, an IdP's keys)
     │   ├── ShuttingDown          503 shutting_down (the --grace period ran out before the answer)
+    │   ├── Overloaded            503 overloaded (+ Retry-After): more requests in flight than limits.max_in_flight
     │   └── UpstreamTimeout       504 upstream_timeout
     └── LoggedOut                 303 logged_out: not a refusal but answered like one (the ip_key logout redirect)
 
@@ -48,6 +51,7 @@ class Refusal(Exception):
     reason = "invalid_request"
     decision = "deny"
     bearer_challenge = False
+    retry_after: int | None = None  # seconds, sent as Retry-After (429 too_many_attempts, 503 overloaded)
 
     def __init__(self, description: str = "", *, reason: str | None = None, detail: str = "") -> None:
         super().__init__(description)
@@ -68,6 +72,8 @@ class Refusal(Exception):
             if self.reason == "missing_credentials":
                 challenge = 'Bearer realm="sidecar"'
             headers.append((b"www-authenticate", challenge.encode()))
+        if self.retry_after is not None:
+            headers.append((b"retry-after", str(self.retry_after).encode()))
         return headers
 
     def response(self) -> Response:
@@ -124,6 +130,31 @@ class HeadersTooLarge(Refusal):
     reason = "headers_too_large"
 
 
+class TooManyAttempts(Refusal):
+    """Too many failed secret checks from this address (or for this client id from unknown addresses): the
+    secret is not even checked until `Retry-After` seconds have passed (sidecar/state/attempt_limits.py). The
+    token and key endpoints send it in their OAuth shape; `too_many_attempts` is an extension error code (RFC 6749
+    §8.5) — RFC 8628's `slow_down` is a device-flow polling signal (400, "add 5 s"), not a lock-out."""
+
+    status = 429
+    reason = "too_many_attempts"
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(f"too many failed authentication attempts; try again in {retry_after} s")
+        self.retry_after = retry_after
+
+
+class RateLimited(Refusal):
+    """More requests than the route's `rate_limit` allows this client (or address): try again after Retry-After."""
+
+    status = 429
+    reason = "rate_limited"
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(f"too many requests; try again in {retry_after} s")
+        self.retry_after = retry_after
+
+
 class OAuthError(Refusal):
     """An RFC 6749 §5.2 error reply (token endpoint, key endpoint): `reason` is the OAuth `error` code. Sent with
     `Pragma: no-cache` as well (§5.1), and on 401 with the HTTP Basic challenge the client may answer (§2.3.1)."""
@@ -142,13 +173,17 @@ class OAuthError(Refusal):
         """Any refusal (the store or the credentials service is down: fail closed) in the OAuth shape."""
         if isinstance(refusal, OAuthError) and error is None:
             return refusal
-        return cls(error or refusal.reason, refusal.description, refusal.status, decision=refusal.decision)
+        converted = cls(error or refusal.reason, refusal.description, refusal.status, decision=refusal.decision)
+        converted.retry_after = refusal.retry_after
+        return converted
 
     def headers(self, body: bytes = b"") -> Headers:
         headers = [(b"content-type", b"application/json"), (b"cache-control", b"no-store"),
                    (b"pragma", b"no-cache"), (b"content-length", str(len(body)).encode())]
         if self.status == 401:
             headers.append((b"www-authenticate", b'Basic realm="sidecar"'))
+        if self.retry_after is not None:
+            headers.append((b"retry-after", str(self.retry_after).encode()))
         return headers
 
 
@@ -180,6 +215,17 @@ class DependencyUnavailable(Unavailable):
 class ShuttingDown(Unavailable):
     status = 503
     reason = "shutting_down"
+
+
+class Overloaded(Unavailable):
+    """More requests in flight in this worker than `limits.max_in_flight`: answered at once, not queued."""
+
+    status = 503
+    reason = "overloaded"
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__("the sidecar is overloaded; try again shortly")
+        self.retry_after = retry_after
 
 
 class UpstreamTimeout(Unavailable):

@@ -53,6 +53,7 @@ from sidecar.ops.metrics import Metrics
 from sidecar.outbound.guard import ServiceClient
 from sidecar.proxy.explain import Offline, explain
 from sidecar.proxy.gateway import Gateway
+from sidecar.proxy.rate_limit import RateLimiter
 from sidecar.proxy.request_view import RequestView
 from sidecar.proxy.route_plans import Policy, RoutePlan
 from sidecar.proxy.transports.base import Body, Headers, Upstream
@@ -212,6 +213,7 @@ class TestRuntime(Offline):
         self.events = Events()
         self.webhooks = _NoWebhooks()
         self.tunnels = Tunnels(0)  # a tests file sends no WebSocket handshake
+        self.rate_limits = RateLimiter(self.store)  # in memory, fresh per case
         issuer = loaded.config.issuer
         self.signing = SigningKeys(issuer.signing_keys() if issuer else [], issuer.issuer if issuer else "")
         self.compiled = Policy(loaded, self)

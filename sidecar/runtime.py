@@ -18,11 +18,13 @@ from sidecar.issuer.signing_keys import IDENTITY_TOKEN_TYPE, SigningKeys
 from sidecar.ops.audit import AuditLog
 from sidecar.ops.metrics import Metrics
 from sidecar.outbound.guard import ServiceClient
+from sidecar.proxy.rate_limit import RateLimiter
 from sidecar.proxy.route_plans import Policy
 from sidecar.proxy.transports.base import Transport
 from sidecar.proxy.transports.registry import make_transport
 from sidecar.proxy.verdict_cache import StoreVerdicts, VerdictCache
 from sidecar.proxy.websocket import Tunnels
+from sidecar.state.attempt_limits import AttemptLimits
 from sidecar.state.client_public_keys import PUBLIC_KEY_UPDATED, ClientKeys
 from sidecar.state.client_token_store import ClientTokens
 from sidecar.state.store import make_store
@@ -84,12 +86,14 @@ class Services:
         self.cache = VerdictCache(
             config.cache.ttl, config.cache.negative_ttl, config.cache.max_entries,
             shared=StoreVerdicts(self.store) if self.store.shared else None,
-            on_result=self.metrics.cache_result,
+            on_result=self.metrics.cache_result, max_bytes=config.cache.max_bytes,
         )
         self.tunnels = Tunnels(config.websocket.max_tunnels, self.metrics.websocket_tunnels,
                                self.metrics.websocket_bytes)
         self.client_tokens = ClientTokens(self.store, config.clients, on_revoked=self._evict_token)
         self.client_keys = ClientKeys(self.store)
+        self.rate_limits = RateLimiter(self.store)
+        self.attempts = AttemptLimits(self.store, config.limits.attempts, self.audit, self.metrics)
         self.events = Events()
         self.webhooks = Webhooks(self)
         self.events.add_sink(self.webhooks.enqueue)
@@ -203,6 +207,8 @@ class Services:
         await self._load_jwks()
 
     async def _flush_metrics(self) -> None:
+        self.metrics.cache_bytes.set(self.cache.local.bytes)
+        self.metrics.cache_entries.set(len(self.cache.local))
         self.metrics.flush()
         self.tunnels.flush_metrics()
 
@@ -260,7 +266,9 @@ class Services:
         self.loaded = loaded
         self.policy = policy
         self.client_tokens.configure(config.clients)
-        self.cache.configure(config.cache.ttl, config.cache.negative_ttl, config.cache.max_entries)
+        self.attempts.configure(config.limits.attempts)
+        self.cache.configure(config.cache.ttl, config.cache.negative_ttl, config.cache.max_entries,
+                             config.cache.max_bytes)
         self.tunnels.limit = config.websocket.max_tunnels
         self._forget_verdicts_of_changed(old, policy)
         self.signing.issuer = config.issuer.issuer if config.issuer else ""

@@ -453,3 +453,39 @@ def test_helm_sidecar_mode_renders_only_the_configmap(tmp_path):
     """With Helm: in sidecar mode the chart renders the ConfigMap alone, for the backend's pod."""
     docs = _render(tmp_path, {"sidecarMode": {"enabled": True}})
     assert [doc["kind"] for doc in docs] == ["ConfigMap"]
+
+
+def _derived_memory_mi(values: dict[str, Any], workers: int) -> int:
+    """The formula documented in values.yaml."""
+    budget = values["memoryBudget"]
+    per_worker = budget["workerMi"] + budget["cacheMi"] * 3 // 2 + budget["inFlightMi"]
+    return workers * per_worker + (budget["supervisorMi"] if workers > 1 else 0)
+
+
+def test_memory_budget_defaults_fit_the_cache_budget():
+    """The default config takes cache.max_bytes from SIDECAR_CACHE_MAX_BYTES, whose default is memoryBudget.cacheMi;
+    the derived limit (176Mi for one worker, 448Mi for two) leaves a worker its measured ~75 MiB plus the cache."""
+    values = _values()
+    config = yaml.safe_load(values["config"])
+    cache_bytes = values["memoryBudget"]["cacheMi"] << 20
+    assert config["cache"]["max_bytes"] == f"${{SIDECAR_CACHE_MAX_BYTES:-{cache_bytes}}}"
+    assert not values["resources"]["limits"].get("memory"), "the limit is derived unless set"
+    assert (_derived_memory_mi(values, 1), _derived_memory_mi(values, 2)) == (176, 448)
+    budget = values["memoryBudget"]
+    assert budget["workerMi"] >= 75 + 16 and budget["cacheMi"] >= 16
+    container = (TEMPLATES / "_sidecar-container.tpl").read_text()
+    assert 'include "sidecar.memoryLimit"' in container and "SIDECAR_CACHE_MAX_BYTES" in container
+
+
+@pytest.mark.parametrize(("workers", "memory"), [(1, None), (2, None), (2, "1Gi")])
+def test_helm_derives_the_memory_limit(tmp_path, workers, memory):
+    """With Helm: the container's memory limit follows workers and memoryBudget unless set explicitly, and
+    SIDECAR_CACHE_MAX_BYTES carries the cache budget."""
+    overrides: dict[str, Any] = {"workers": workers}
+    if memory:
+        overrides["resources"] = {"limits": {"memory": memory}}
+    container = _one(_render(tmp_path, overrides), "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    expected = memory or f"{_derived_memory_mi(_values(), workers)}Mi"
+    assert container["resources"]["limits"]["memory"] == expected
+    env = {item["name"]: item.get("value") for item in container["env"]}
+    assert env["SIDECAR_CACHE_MAX_BYTES"] == str(_values()["memoryBudget"]["cacheMi"] << 20)

@@ -16,6 +16,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from sidecar.authn.remote_check import RemoteCheck
 from sidecar.config.clients import ClientConfig
+from sidecar.config.limits import BreakerConfig, LimitsConfig, RateLimitConfig, SpoolConfig
 from sidecar.config.types import Duration, Model, Network, load_private_key
 from sidecar.outbound.guard import url_refusal
 from sidecar.state.redis_target import parse_redis_url
@@ -27,6 +28,9 @@ class CacheConfig(Model):
     ttl: Duration = 300.0
     negative_ttl: Duration = 10.0
     max_entries: int = Field(default=100_000, ge=1)
+    # The local verdict cache's memory budget per worker, in bytes (README "Limits and overload"; the Helm chart's
+    # memory limit is derived from it).
+    max_bytes: int = Field(default=32 * 1024 * 1024, ge=64 * 1024)
     stale_if_error: Duration = 0.0
 
 
@@ -255,6 +259,7 @@ class RouteConfig(Model):
     mode: Literal["enforce", "report_only"] = "enforce"
     cors: CorsConfig | None = None
     websocket: WebSocketConfig | bool = True  # false: upgrades refused; true: the top-level `websocket:` settings
+    rate_limit: RateLimitConfig | None = None
 
     @field_validator("upstream")
     @classmethod
@@ -276,6 +281,8 @@ class WebhookConfig(Model):
     secret: str | list[str] = Field(repr=False)  # never printed, logged or shown
     retry: RetryConfig | None = None
     timeout: Duration = 10.0
+    max_concurrent: int = Field(default=4, ge=1)  # attempts in flight to this receiver per process
+    breaker: BreakerConfig = BreakerConfig()
 
     @field_validator("url")
     @classmethod
@@ -390,6 +397,8 @@ class Config(Model):
     webhook_retry: RetryConfig = RetryConfig()
     tracing: TracingConfig | None = None
     websocket: WebSocketLimits = WebSocketLimits()
+    limits: LimitsConfig = LimitsConfig()
+    webhook_spool: SpoolConfig = SpoolConfig()
 
     @field_validator("upstream")
     @classmethod

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from sidecar.issuer.signing_keys import SigningKeys
     from sidecar.ops.audit import AuditLog
     from sidecar.outbound.guard import ServiceClient
+    from sidecar.state.attempt_limits import AttemptLimits
     from sidecar.state.client_token_store import ClientTokens
     from sidecar.state.store import MemoryStore, RedisStore
 
@@ -45,3 +46,7 @@ class IssuerContext(Protocol):
 
     @property
     def audit(self) -> AuditLog: ...
+
+    @property
+    def attempts(self) -> AttemptLimits:
+        """Failed secret checks per address and client id, and their lock-outs."""

@@ -32,6 +32,7 @@ from sidecar.issuer.soap import (
     soap_version_of,
 )
 from sidecar.request_body import read_limited
+from sidecar.state.attempt_limits import source_address
 from sidecar.state.client_token_store import token_hash
 
 if TYPE_CHECKING:
@@ -110,22 +111,31 @@ class KeyEndpoint:
         scheme, _, value = (authorization[0] if authorization else "").strip().partition(" ")
         # A blank token is no credential (as for the authenticators, SPEC §3): the next method is tried.
         token = (tokens[0] if tokens else "").strip() or (value.strip() if scheme.lower() == "bearer" else "")
+        address = source_address(request.client.host if request.client else None, request.headers.raw,
+                                 self.services.config.trusted_proxies)
         if token:
+            attempt = await self.services.attempts.begin("keys", address)
             found = await self.services.client_tokens.lookup(token_hash(token))
             if found is None or found[0] not in self.services.clients:
+                await attempt.failed()
                 raise _unauthorised("unknown or revoked client token")
+            await attempt.succeeded()
             return found[0]
         if scheme.lower() == "basic":
-            return self._basic(value.strip())
+            return await self._basic(value.strip(), address)
         raise _unauthorised("authenticate the client: X-Client-Token, Authorization: Bearer, or HTTP Basic")
 
-    def _basic(self, value: str) -> str:
+    async def _basic(self, value: str, address: str) -> str:
         decoded = decode_basic(value)
         if decoded is None:
             raise _unauthorised("the Basic credentials are not valid base64 of client_id:client_secret")
+        known = decoded[0] if decoded[0] in self.services.clients else None
+        attempt = await self.services.attempts.begin("keys", address, known)
         client = verify_client_secret(self.services.clients, *decoded)
         if client is None:
+            await attempt.failed()
             raise _unauthorised("unknown client or wrong client secret")
+        await attempt.succeeded()
         return client.id
 
 

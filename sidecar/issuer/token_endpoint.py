@@ -17,9 +17,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from sidecar.errors import OAuthError, Refusal
-from sidecar.issuer.client_secret import decode_basic
+from sidecar.issuer.client_secret import decode_basic, verify_client_secret
 from sidecar.issuer.grants import GRANTS
 from sidecar.request_body import read_limited
+from sidecar.state.attempt_limits import source_address
 
 if TYPE_CHECKING:
     from sidecar.issuer.context import IssuerContext
@@ -45,6 +46,8 @@ class TokenEndpoint:
                 raise unknown_grant(grant_type)
             credentials = client_credentials(request.headers.getlist("authorization"), params)
             client_id = credentials[0] if credentials else None
+            if credentials is not None:
+                await self._count_attempt(request, credentials)
             reply = await grant(self.services, params, credentials)
             status, decision, reason = 200, "allow", "ok"
             response: Response = JSONResponse(reply, headers=NO_STORE)
@@ -54,6 +57,19 @@ class TokenEndpoint:
         self.services.audit.write(kind="token", grant=grant_type if grant_type in GRANTS else None,
                                   client=client_id, decision=decision, reason=reason, status=status)
         return response
+
+    async def _count_attempt(self, request: Request, credentials: tuple[str, str]) -> None:
+        """`TooManyAttempts` while this address (or this client id from an unknown address) is locked out;
+        else the secret check counted. The grant checks the secret again (a hash: cheap) and answers as before."""
+        services = self.services
+        address = source_address(request.client.host if request.client else None, request.headers.raw,
+                                 services.config.trusted_proxies)
+        client = credentials[0] if credentials[0] in services.clients else None
+        attempt = await services.attempts.begin("token", address, client)
+        if verify_client_secret(services.clients, *credentials) is None:
+            await attempt.failed()
+        else:
+            await attempt.succeeded()
 
 
 def token_routes(services: IssuerContext) -> list[Route]:

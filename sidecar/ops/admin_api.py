@@ -13,10 +13,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from sidecar.errors import NotFound, Refusal, error_body
+from sidecar.errors import NotFound, Refusal, TooManyAttempts, error_body
 from sidecar.issuer.identifier_map import Identifiers, parse_mappings
 from sidecar.ops.openapi import with_openapi
 from sidecar.request_body import read_limited
+from sidecar.state.attempt_limits import source_address
 
 if TYPE_CHECKING:
     from sidecar.ops.admin_context import AdminContext
@@ -44,9 +45,12 @@ class AdminApi:
 
     def guarded(self, action: str, handler: Handler) -> Handler:
         async def endpoint(request: Request) -> Response:
-            if not admin_token_ok(self.services, request.headers.get("authorization")):
-                response: Response = error(401, "invalid_token", "a valid admin token is required",
-                                           {"WWW-Authenticate": 'Bearer realm="sidecar-admin"'})
+            locked = await self.refused_attempt(request)
+            if locked is not None:
+                response: Response = locked
+            elif not admin_token_ok(self.services, request.headers.get("authorization")):
+                response = error(401, "invalid_token", "a valid admin token is required",
+                                 {"WWW-Authenticate": 'Bearer realm="sidecar-admin"'})
             else:
                 try:
                     response = await handler(request)
@@ -58,6 +62,20 @@ class AdminApi:
             return response
 
         return endpoint
+
+    async def refused_attempt(self, request: Request) -> Response | None:
+        """429 while this address is locked out after failed admin tokens; else the token check counted."""
+        address = source_address(request.client.host if request.client else None, request.headers.raw,
+                                 self.services.config.trusted_proxies)
+        try:
+            attempt = await self.services.attempts.begin("admin", address)
+        except TooManyAttempts as refusal:
+            return refusal.response()
+        if admin_token_ok(self.services, request.headers.get("authorization")):
+            await attempt.succeeded()
+        else:
+            await attempt.failed()
+        return None
 
     def client_or_404(self, request: Request) -> tuple[str, Any]:
         client_id = request.path_params["client_id"]
@@ -203,7 +221,7 @@ def redis_report(services: AdminContext) -> dict[str, Any] | None:
         if down:
             failing.append("admin API: minting and revoking tokens, public keys, identifiers")
             if services.policy.config.webhooks:
-                failing.append("webhooks: events raised now are not queued")
+                failing.append("webhooks: events raised now wait in the local spool")
         report["failing_closed"] = failing
     return report
 

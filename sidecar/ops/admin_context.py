@@ -11,6 +11,7 @@ if TYPE_CHECKING:
     from sidecar.ops.audit import AuditLog
     from sidecar.ops.metrics import Metrics
     from sidecar.proxy.route_plans import Policy
+    from sidecar.state.attempt_limits import AttemptLimits
     from sidecar.state.client_public_keys import ClientKeys
     from sidecar.state.client_token_store import ClientTokens
     from sidecar.state.store import MemoryStore, RedisStore
@@ -40,6 +41,10 @@ class AdminContext(Protocol):
 
     @property
     def audit(self) -> AuditLog: ...
+
+    @property
+    def attempts(self) -> AttemptLimits:
+        """Failed secret checks per address and client id, and their lock-outs."""
 
     @property
     def metrics(self) -> Metrics: ...

@@ -78,6 +78,17 @@ class Metrics:
                                        multiprocess_mode="livesum")
         self.websocket_bytes = Counter("sidecar_websocket_bytes", "Bytes through WebSocket tunnels by direction",
                                        ["direction"], registry=r)
+        self.secret_attempts = Counter("sidecar_secret_attempts", "Secret checks on the token, key and admin "
+                                       "endpoints by outcome (ok, failed, locked)", ["endpoint", "outcome"], registry=r)
+        self.lockouts = Counter("sidecar_lockouts", "Lock-outs begun after failed secret checks, by scope",
+                                ["endpoint", "scope"], registry=r)
+        self.overloaded = Counter("sidecar_overloaded", "Requests answered 503 overloaded (limits.max_in_flight)",
+                                  registry=r)
+        self._overloaded = 0
+        self.cache_bytes = Gauge("sidecar_verdict_cache_bytes", "Estimated bytes held by the local verdict cache "
+                                 "(bounded by cache.max_bytes per worker)", registry=r, multiprocess_mode="livesum")
+        self.cache_entries = Gauge("sidecar_verdict_cache_entries", "Verdicts held by the local verdict cache",
+                                   registry=r, multiprocess_mode="livesum")
         self._redis: dict[str, Gauge] = {}
         self._requests: dict[tuple[str, str, str, str], int] = {}
         self._durations: dict[str, _Observations] = {}
@@ -97,6 +108,15 @@ class Metrics:
             if observations is None:
                 observations = self._upstream[route] = _Observations()
             observations.add(upstream)
+
+    def attempt(self, endpoint: str, outcome: str) -> None:
+        self.secret_attempts.labels(endpoint, outcome).inc()
+
+    def lockout(self, endpoint: str, scope: str) -> None:
+        self.lockouts.labels(endpoint, scope).inc()
+
+    def overload(self) -> None:
+        self._overloaded += 1
 
     def cache_result(self, result: str) -> None:
         self._cache[result] = self._cache.get(result, 0) + 1
@@ -125,6 +145,9 @@ class Metrics:
             self.requests.labels(route, decision, status_class, mode).inc(count)
         self.in_flight_gauge.set(self.in_flight)
         cache, self._cache = self._cache, {}
+        if self._overloaded:
+            overloaded, self._overloaded = self._overloaded, 0
+            self.overloaded.inc(overloaded)
         for result, count in cache.items():
             self.auth_cache.labels(result).inc(count)
         for histogram, name in ((self.duration, "_durations"), (self.upstream_duration, "_upstream")):

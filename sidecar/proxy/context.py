@@ -11,6 +11,7 @@ if TYPE_CHECKING:
     from sidecar.events import Events
     from sidecar.ops.audit import AuditLog
     from sidecar.ops.metrics import Metrics
+    from sidecar.proxy.rate_limit import RateLimiter
     from sidecar.proxy.route_plans import Policy
     from sidecar.proxy.verdict_cache import VerdictCache
     from sidecar.proxy.websocket import Tunnels
@@ -44,6 +45,10 @@ class GatewayContext(Protocol):
     @property
     def tunnels(self) -> Tunnels:
         """The open WebSocket tunnels of this worker."""
+
+    @property
+    def rate_limits(self) -> RateLimiter:
+        """Routes' `rate_limit:` counters (Redis when configured)."""
 
     def identity_token(self, identity: Identity) -> str | None:
         """The signed identity token for the upstream, when `identity.signed_token` is on."""

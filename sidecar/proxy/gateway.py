@@ -145,6 +145,8 @@ class Gateway:
         if plan.needs_body:
             request.body = await read_body(receive, plan.config.max_body, exchange.seen.content_length)
         auth, identity = await self.admit(policy, plan, request, exchange)
+        if plan.config.rate_limit is not None:
+            await self.services.rate_limits.check(plan.route.id, plan.config.rate_limit, identity, request.client_ip)
         return plan, request, auth, identity
 
     def route(self, policy: Policy, scope: dict[str, Any], exchange: Exchange) -> tuple[RoutePlan, RequestView]:

@@ -111,7 +111,8 @@ class IdentityHeaders:
             out.append((self.client, _header_value(identity.client)))
         out.append((self.method, _header_value(identity.authenticator)))
         out.append((self.scopes, _header_value(" ".join(sorted(identity.scopes)))))
-        if len(self._encoded) > 10_000:
+        # It holds the identities it encoded (claims and all) outside the verdict cache's byte budget: keep it small.
+        if len(self._encoded) > 1_000:
             self._encoded.clear()
         self._encoded[id(identity)] = (identity, out)
         return out

@@ -16,6 +16,7 @@ the new TTL is a miss.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import time
@@ -124,19 +125,47 @@ class StoreVerdicts:
             pass
 
 
-class LocalVerdicts:
-    """A bounded LRU of verdicts with per-entry expiry (monotonic clock)."""
+# What an entry costs beyond its strings, measured with tracemalloc on CPython 3.12 (tests/unit/test_verdict_cache.py
+# checks the estimate against the real cost): the key, the OrderedDict node, the (verdict, deadline, size) tuple
+# (ENTRY_OVERHEAD); an Identity and its claims dict (IDENTITY); a str object's header (_STR); one claim's dict slot
+# and name (_ITEM).
+ENTRY_OVERHEAD = 300
+IDENTITY = 160
+_STR = 50
+_ITEM = 90
 
-    def __init__(self, max_entries: int = 100_000) -> None:
-        self._entries: OrderedDict[bytes, tuple[Verdict, float]] = OrderedDict()
+
+def entry_size(verdict: Verdict) -> int:
+    """A cheap estimate of the bytes one cached verdict holds: fixed overheads plus the lengths of what it
+    carries (claims one level deep: a nested value is counted by twice the length of its repr). Interned scope
+    sets are not counted."""
+    if isinstance(verdict, Refused):
+        return ENTRY_OVERHEAD + len(verdict.description) + len(verdict.detail)
+    size = ENTRY_OVERHEAD + IDENTITY + 2 * _STR + len(verdict.subject) + len(verdict.client or "")
+    for name, value in verdict.claims.items():
+        size += _ITEM + len(name) + (_STR + len(value) if isinstance(value, str) else 32
+                                     if isinstance(value, int | float) else 2 * len(repr(value)))
+    return size
+
+
+class LocalVerdicts:
+    """A bounded LRU of verdicts with per-entry expiry (monotonic clock), bounded by entries and by bytes
+    (`cache.max_bytes`: each entry's cost estimated at insert, `entry_size`). Past either bound the least recently
+    used entries go. Identities with the same scopes share one frozenset (a few hundred bytes each otherwise)."""
+
+    def __init__(self, max_entries: int = 100_000, max_bytes: int = 32 * 1024 * 1024) -> None:
+        self._entries: OrderedDict[bytes, tuple[Verdict, float, int]] = OrderedDict()
         self._max = max_entries
+        self.max_bytes = max_bytes
+        self.bytes = 0  # the estimated size of every entry held
+        self._scope_sets: dict[frozenset[str], frozenset[str]] = {}
 
     def get(self, key: bytes) -> Verdict | None:
         entry = self._entries.get(key)
         if entry is None:
             return None
         if entry[1] <= time.monotonic():
-            del self._entries[key]
+            self._drop(key)
             return None
         self._entries.move_to_end(key)
         return entry[0]
@@ -144,24 +173,47 @@ class LocalVerdicts:
     def put(self, key: bytes, verdict: Verdict, ttl: float) -> None:
         if ttl <= 0:
             return
-        self._entries[key] = (verdict, time.monotonic() + ttl)
-        self._entries.move_to_end(key)
-        while len(self._entries) > self._max:
-            self._entries.popitem(last=False)
+        if isinstance(verdict, Identity) and verdict.scopes:
+            shared = self._scope_sets.get(verdict.scopes)
+            if shared is None and len(self._scope_sets) < 4096:
+                shared = self._scope_sets[verdict.scopes] = verdict.scopes
+            if shared is not None and shared is not verdict.scopes:
+                verdict = dataclasses.replace(verdict, scopes=shared)
+        size = entry_size(verdict)
+        if isinstance(verdict, Identity) and verdict.scopes and verdict.scopes is not self._scope_sets.get(
+                verdict.scopes):  # a set of its own (too many distinct sets to share): its cost too
+            size += 220 + sum(_STR + len(scope) for scope in verdict.scopes)
+        if key in self._entries:
+            self._drop(key)
+        self._entries[key] = (verdict, time.monotonic() + ttl, size)
+        self.bytes += size
+        self._shrink()
 
-    def resize(self, max_entries: int) -> None:
+    def _drop(self, key: bytes) -> None:
+        self.bytes -= self._entries.pop(key)[2]
+
+    def _shrink(self) -> None:
+        while self._entries and (len(self._entries) > self._max or self.bytes > self.max_bytes):
+            self.bytes -= self._entries.popitem(last=False)[1][2]
+
+    def resize(self, max_entries: int, max_bytes: int | None = None) -> None:
         self._max = max_entries
-        while len(self._entries) > self._max:
-            self._entries.popitem(last=False)
+        if max_bytes is not None:
+            self.max_bytes = max_bytes
+        self._shrink()
 
     def evict_where(self, predicate: Any) -> int:
-        doomed = [k for k, (v, _) in self._entries.items() if predicate(v)]
+        doomed = [k for k, (v, _, _) in self._entries.items() if predicate(v)]
         for key in doomed:
-            del self._entries[key]
+            self._drop(key)
         return len(doomed)
 
     def clear(self) -> None:
         self._entries.clear()
+        self.bytes = 0
+
+    def __contains__(self, key: bytes) -> bool:
+        return key in self._entries
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -170,22 +222,22 @@ class LocalVerdicts:
 class VerdictCache:
     def __init__(
         self, ttl: float, negative_ttl: float, max_entries: int, shared: SharedVerdicts | None = None,
-        on_result: Any = None,
+        on_result: Any = None, max_bytes: int = 32 * 1024 * 1024,
     ) -> None:
         self.ttl = ttl
         self.negative_ttl = negative_ttl
-        self.local = LocalVerdicts(max_entries)
+        self.local = LocalVerdicts(max_entries, max_bytes)
         self.shared = shared
         self._inflight: dict[bytes, asyncio.Future[Verdict]] = {}
         self._on_result = on_result or (lambda result: None)
 
-    def configure(self, ttl: float, negative_ttl: float, max_entries: int) -> None:
+    def configure(self, ttl: float, negative_ttl: float, max_entries: int, max_bytes: int | None = None) -> None:
         """A reload's `cache:` settings. When the TTLs change, the local layer is emptied: no entry may outlive
         the new TTL (shared entries are checked against it by age, in `_lookup_or_verify`)."""
         if (ttl, negative_ttl) != (self.ttl, self.negative_ttl):
             self.local.clear()
         self.ttl, self.negative_ttl = ttl, negative_ttl
-        self.local.resize(max_entries)
+        self.local.resize(max_entries, max_bytes)
 
     async def resolve(self, auth: Authenticator, credential: Credential, request: RequestView) -> Identity:
         if not auth.cacheable:

@@ -9,6 +9,7 @@ from sidecar.config.model import LoadedConfig
 from sidecar.issuer.endpoints import issuer_app, issuer_prefix
 from sidecar.ops.admin_api import admin_app
 from sidecar.proxy.gateway import Gateway
+from sidecar.proxy.overload import answer_overloaded
 from sidecar.runtime import Services
 from sidecar.webhooks.admin_routes import admin_routes as webhook_admin_routes
 
@@ -24,6 +25,11 @@ class MainApp:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "http":
             metrics = self.services.metrics
+            limits = self.services.config.limits
+            if metrics.in_flight >= limits.max_in_flight > 0:
+                services = self.services
+                await answer_overloaded(limits.retry_after, scope["method"], send, services.audit, metrics)
+                return
             metrics.in_flight += 1
             try:
                 if scope["path"].startswith(self.prefix_slash):

@@ -39,6 +39,12 @@ for _, op in ipairs(ops) do
 end
 return #ops
 """
+# A counter that is forgotten `ttl` after its last increment (the attempt limits' failure counts).
+_INCR = """
+local n = redis.call('INCR', KEYS[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+return n
+"""
 
 
 @contextlib.asynccontextmanager
@@ -88,6 +94,12 @@ class MemoryStore:
             return False
         self._data[key] = (value, time.time() + ttl if ttl else None)
         return True
+
+    async def incr(self, key: str, ttl: float) -> int:
+        """Add one to a counter and forget it `ttl` seconds from now."""
+        count = int(self._live(key) or 0) + 1
+        self._data[key] = (str(count), time.time() + ttl)
+        return count
 
     async def delete(self, *keys: str) -> None:
         for key in keys:
@@ -221,6 +233,7 @@ class RedisStore:
         self._starting = True
         self._troubled = False
         self._atomic = self.redis.register_script(_ATOMIC)
+        self._incr = self.redis.register_script(_INCR)
 
     @property
     def connected(self) -> bool:
@@ -246,6 +259,11 @@ class RedisStore:
         async with failing_closed():
             px = max(1, int(ttl * 1000)) if ttl else None
             return bool(await self.redis.set(key, value, px=px, nx=only_new))
+
+    async def incr(self, key: str, ttl: float) -> int:
+        """Add one to a counter and forget it `ttl` seconds from now (one step: a Lua script)."""
+        async with failing_closed():
+            return int(await self._incr(keys=[key], args=[max(1, int(ttl * 1000))]))
 
     async def delete(self, *keys: str) -> None:
         async with failing_closed():

@@ -43,7 +43,8 @@ async def list_deliveries(webhooks: Webhooks, request: Request) -> Response:
         raise BadRequest("limit must be a number from 1 to 1000")
     async with failing_closed():
         found = await webhooks.queue.listing(status, limit)
-    return JSONResponse({"deliveries": [d.summary() for d in found]})
+    receivers = webhooks.guards.report([w.id for w in webhooks.context.config.webhooks])
+    return JSONResponse({"deliveries": [d.summary() for d in found], "receivers": receivers})
 
 
 async def retry_delivery(webhooks: Webhooks, request: Request) -> Response:

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from sidecar.config.model import Config
+    from sidecar.ops.audit import AuditLog
     from sidecar.ops.metrics import Metrics
     from sidecar.state.store import MemoryStore, RedisStore
 
@@ -23,3 +24,7 @@ class WebhookContext(Protocol):
 
     @property
     def metrics(self) -> Metrics: ...
+
+    @property
+    def audit(self) -> AuditLog:
+        """For the line that says events were lost (the spool is full)."""

@@ -82,6 +82,7 @@ redis.call('XDEL', KEYS[2], ARGV[2])
 _SCHEDULE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then
   redis.call('HSET', KEYS[1], 'last_error', ARGV[5], 'next_attempt_at', ARGV[6])
+  if ARGV[7] == '1' then redis.call('HINCRBY', KEYS[1], 'attempts', -1) end
   redis.call('ZADD', KEYS[3], ARGV[4], ARGV[3])
 end
 redis.call('XACK', KEYS[2], ARGV[1], ARGV[2])
@@ -256,9 +257,12 @@ class RedisQueue:
             args=[GROUP, ticket.entry, delivery.id, status, error, _ms(delivery.created), keep,
                   _ms(time.time() - keep)])
 
-    async def schedule(self, ticket: Ticket, delivery: Delivery, due: float, error: str) -> None:
+    async def schedule(self, ticket: Ticket, delivery: Delivery, due: float, error: str,
+                       uncount: bool = False) -> None:
+        """Later, at `due`; `uncount`: the attempt `begin` counted was not made (deferred)."""
         await self._scripts["schedule"](keys=[record_key(delivery.id), STREAM, DUE],
-                                        args=[GROUP, ticket.entry, delivery.id, _ms(due), error, repr(due)])
+                                        args=[GROUP, ticket.entry, delivery.id, _ms(due), error, repr(due),
+                                              "1" if uncount else "0"])
 
     async def promote(self) -> float | None:
         next_due = await self._scripts["promote"](keys=[DUE, STREAM], args=[_ms(time.time()), 500])

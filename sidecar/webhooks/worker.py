@@ -9,7 +9,8 @@ dead-lettered after the last try, and visible in the admin API.
 
 Queuing an event is one XADD (concurrent ones share a round trip) and never waits for a receiver;
 deliveries run in a background worker with at most `WORKERS` attempts in flight per process, each bounded
-by the webhook's `timeout`.
+by the webhook's `timeout`, at most `max_concurrent` of them to one receiver, and none to a receiver whose
+circuit breaker is open (sidecar/webhooks/isolation.py).
 Signing follows Standard Webhooks (the `standardwebhooks` package): `webhook-id` (the delivery id, the same
 on every attempt), `webhook-timestamp`, and one `v1,` signature per configured secret (rotation).
 """
@@ -29,9 +30,12 @@ from typing import TYPE_CHECKING, Any
 import httpx
 from standardwebhooks import Webhook as StandardWebhook
 
+from sidecar.config.limits import SpoolConfig
 from sidecar.outbound.guard import UnsafeDestination, delivery_client
+from sidecar.webhooks.isolation import ReceiverGuards
 from sidecar.webhooks.queue import Delivery, DeliveryQueue, MemoryQueue, Ticket, iso8601
 from sidecar.webhooks.redis_queue import LEASE, RedisQueue
+from sidecar.webhooks.spool import Spool
 
 if TYPE_CHECKING:
     from sidecar.config.model import RetryConfig, WebhookConfig
@@ -86,6 +90,8 @@ class Webhooks:
         self._disabled: dict[str, object] = {}  # webhook id -> the configuration in force when it answered 410
         self._routing: tuple[object, dict[str, list[WebhookConfig]]] = (None, {})  # configuration, event -> webhooks
         self._clients: dict[bool, httpx.AsyncClient] = {}
+        self.spool = Spool(SpoolConfig(), context.audit)  # events Redis could not take
+        self.guards = ReceiverGuards()  # per receiver: concurrency and circuit breaker (webhooks/isolation.py)
 
     # -- events in --------------------------------------------------------------------------------------------
 
@@ -105,11 +111,12 @@ class Webhooks:
             return
         now = time.time()
         body = _dumps({"type": event, "timestamp": iso8601(now), "data": data})
+        deliveries = [Delivery.new(event, webhook.id, body, now) for webhook in targets]
         try:
-            await self.queue.add([Delivery.new(event, webhook.id, body, now) for webhook in targets])
-        except Exception as exc:  # the request that raised the event has been answered; say what was lost
-            log.error("event %s for webhooks %s was not queued: %s", event, [w.id for w in targets], exc)
-            return
+            await self.queue.add(deliveries)
+        except Exception as exc:  # the request that raised the event has been answered: keep it for later
+            self.spool.config = self.context.config.webhook_spool
+            self.spool.put(deliveries, f"{type(exc).__name__}: {exc}")
         await self.start()
 
     def disabled(self, webhook_id: str) -> bool:
@@ -124,7 +131,8 @@ class Webhooks:
             return
         self._running = True
         self._clients = {private: delivery_client(private, WORKERS) for private in (False, True)}
-        self._tasks = [asyncio.ensure_future(job()) for job in (self._read, self._promote, self._heartbeat)]
+        self._tasks = [asyncio.ensure_future(job()) for job in (self._read, self._promote, self._heartbeat,
+                                                                self._drain_spool)]
 
     async def aclose(self) -> None:
         """Stop reading; give attempts in flight a moment, then hand what is unfinished back to the queue."""
@@ -190,6 +198,20 @@ class Webhooks:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._due_changed.wait(), wait)
 
+    async def _drain_spool(self) -> None:
+        """Queue what was spooled while Redis could not take it, once it can (looked at every second)."""
+        while True:
+            self.spool.config = self.context.config.webhook_spool
+            if self.spool.pending():
+                try:
+                    queued = await self.spool.drain(self.queue)
+                except Exception as exc:
+                    log.debug("webhook spool not drained yet: %s", exc)
+                else:
+                    if queued:
+                        log.warning("queued %d webhook deliveries kept in the spool while Redis was away", queued)
+            await asyncio.sleep(1.0)
+
     async def _heartbeat(self) -> None:
         """Keep the claim on deliveries in flight fresh, so a slow receiver is not mistaken for a dead worker."""
         while True:
@@ -208,9 +230,27 @@ class Webhooks:
             elif self.disabled(webhook.id):
                 await self._settle(ticket, delivery, "failed", _gone(webhook.id), outcome="disabled")
             else:
-                await self._attempted(ticket, delivery, webhook, *await self._attempt(webhook, delivery))
+                await self._guarded_attempt(ticket, delivery, webhook)
         except Exception:  # in Redis the entry stays pending and is taken over after the lease
             log.exception("webhook delivery %s failed inside the sidecar", ticket.delivery)
+
+    async def _guarded_attempt(self, ticket: Ticket, delivery: Delivery, webhook: WebhookConfig) -> None:
+        """Attempt it unless its receiver is at `max_concurrent` or its breaker is open: then defer it (the attempt
+        not counted) instead of holding one of the worker's slots."""
+        guard = self.guards.guard(webhook.id)
+        deferred = guard.admit(webhook, time.time())
+        if deferred is not None:
+            wait, why = deferred
+            await self.queue.schedule(ticket, delivery, time.time() + wait, why, uncount=True)
+            self.context.metrics.webhooks.labels("deferred").inc()
+            self._due_changed.set()
+            return
+        verdict, error = "retry", "the attempt did not finish"
+        try:
+            verdict, error = await self._attempt(webhook, delivery)
+        finally:
+            guard.done(webhook, verdict == "retry", time.time())
+        await self._attempted(ticket, delivery, webhook, verdict, error)
 
     async def _attempted(self, ticket: Ticket, delivery: Delivery, webhook: WebhookConfig, verdict: str,
                          error: str) -> None:

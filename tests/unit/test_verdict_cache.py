@@ -220,3 +220,69 @@ def test_shared_verdict_older_than_the_new_ttl_is_a_miss() -> None:
         return auth.calls
 
     assert asyncio.run(go()) == 2
+
+
+# -- the memory budget (cache.max_bytes, issue 17) ------------------------------------------------------------
+
+
+def jwt_like_identity(i: int) -> Identity:
+    """An identity as the jwt authenticator makes it: the token's claims decoded from JSON."""
+    import json
+    import os
+
+    now = int(time.time())
+    claims = json.loads(json.dumps({"iss": "https://idp.test", "aud": "sidecar-tests", "sub": f"user-{i}",
+                                    "scope": "read write", "exp": now + 3600, "iat": now, "jti": os.urandom(8).hex(),
+                                    "client_id": "app"}))
+    return Identity(subject=claims["sub"], authenticator="idp", client="app", scopes=frozenset(claims["scope"].split()),
+                    claims=claims, expires_at=float(claims["exp"]))
+
+
+def test_byte_budget_keeps_the_estimate_under_max_bytes_and_evicts_the_oldest() -> None:
+    """20,000 distinct verdicts into a 1 MiB budget: the accounted bytes never pass it, the oldest went first,
+    the newest are kept, and the accounting is the sum of the kept entries' estimates."""
+    from sidecar.proxy.verdict_cache import LocalVerdicts
+
+    local = LocalVerdicts(max_entries=1_000_000, max_bytes=1024 * 1024)
+    keys = [i.to_bytes(32, "big") for i in range(20_000)]
+    for i, key in enumerate(keys):
+        local.put(key, jwt_like_identity(i), 300)
+        assert local.bytes <= local.max_bytes
+    assert keys[0] not in local and keys[-1] in local
+    kept = [key for key in keys if key in local]
+    assert kept == keys[-len(kept):]  # exactly the newest survive
+    assert 400 < len(kept) < 1000  # ~1.5 KB each
+    local.resize(1_000_000, 256 * 1024)  # a reload with a smaller budget shrinks at once
+    assert local.bytes <= 256 * 1024 and keys[-1] in local
+    local.evict_where(lambda verdict: True)
+    assert (len(local), local.bytes) == (0, 0)
+
+
+@pytest.mark.parametrize("kind", ["jwt", "client_token", "refused"])
+def test_entry_size_estimate_is_close_to_the_real_cost(kind: str) -> None:
+    """The cheap estimate (fixed overhead + lengths) is at least what tracemalloc measures, and not far above."""
+    import hashlib
+    import os
+    import tracemalloc
+
+    from sidecar.proxy.verdict_cache import LocalVerdicts, Refused
+
+    def make(i: int) -> Identity | Refused:
+        if kind == "jwt":
+            return jwt_like_identity(i)
+        if kind == "client_token":
+            return Identity(subject=f"client-{i}", authenticator="tok", client="app", scopes=frozenset({"a"}),
+                            claims={"token_hash": os.urandom(32).hex(), "token_id": "tok_" + os.urandom(6).hex()})
+        return Refused(Unauthenticated("the token's signature does not verify", detail="signature"))
+
+    n = 5000
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        local = LocalVerdicts(max_entries=10**9, max_bytes=10**12)
+        for i in range(n):
+            local.put(hashlib.sha256(str(i).encode()).digest(), make(i), 300)
+        real = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert real <= local.bytes <= 1.4 * real, (real / n, local.bytes / n)

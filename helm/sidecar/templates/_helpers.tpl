@@ -97,3 +97,18 @@ True (non-empty) when more than one sidecar process may run, which needs Redis f
 {{- define "sidecar.scalesOut" -}}
 {{- if or (gt (int .Values.workers) 1) .Values.autoscaling.enabled (gt (int .Values.replicaCount) 1) }}true{{ end }}
 {{- end }}
+
+{{/*
+The container's memory limit when resources.limits.memory is not set: workers × (workerMi + cacheMi × 3/2 +
+inFlightMi), plus supervisorMi when there is more than one worker (values.yaml, memoryBudget).
+*/}}
+{{- define "sidecar.memoryLimit" -}}
+{{- $budget := .Values.memoryBudget -}}
+{{- $workers := int .Values.workers -}}
+{{- $perWorker := add (int $budget.workerMi) (div (mul (int $budget.cacheMi) 3) 2) (int $budget.inFlightMi) -}}
+{{- $total := mul $workers $perWorker -}}
+{{- if gt $workers 1 -}}
+{{- $total = add $total (int $budget.supervisorMi) -}}
+{{- end -}}
+{{- printf "%dMi" $total -}}
+{{- end }}

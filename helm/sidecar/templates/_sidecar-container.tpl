@@ -82,6 +82,8 @@ within a pod and a backend usually has its own "http".
     - name: SIDECAR_DECISION_HOST
       value: {{ .Values.decisionHost | quote }}
     {{- end }}
+    - name: SIDECAR_CACHE_MAX_BYTES
+      value: {{ mul (int .Values.memoryBudget.cacheMi) 1048576 | quote }}
     {{- with .Values.secrets.existingSecret }}
     {{- if $.Values.secrets.adminTokenKey }}
     - name: SIDECAR_ADMIN_TOKEN
@@ -147,10 +149,14 @@ within a pod and a backend usually has its own "http".
       exec:
         command: ["sleep", {{ .Values.preStopSleepSeconds | quote }}]
   {{- end }}
-  {{- with .Values.resources }}
-  resources:
-    {{- toYaml . | nindent 4 }}
+  {{- $resources := deepCopy (.Values.resources | default dict) }}
+  {{- $limits := get $resources "limits" | default dict }}
+  {{- if not (get $limits "memory") }}
+  {{- $_ := set $limits "memory" (include "sidecar.memoryLimit" .) }}
   {{- end }}
+  {{- $_ := set $resources "limits" $limits }}
+  resources:
+    {{- toYaml $resources | nindent 4 }}
   securityContext:
     runAsNonRoot: true
     {{- with .Values.securityContext.runAsUser }}

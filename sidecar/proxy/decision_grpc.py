@@ -1,7 +1,9 @@
 """Envoy's gRPC external authorization, `envoy.service.auth.v3.Authorization/Check` (SPEC §11), on
-`--decision-grpc-port`: the `grpc` extra (`pip install 'sidecar[grpc]'`: grpcio and xds-protos, the generated
-Envoy API). Decided like every other decision-mode ask (sidecar/proxy/decision.py `DecisionApp.ask`: the
-gateway's route, authenticate, authorise, refusal, audit line and metrics).
+`--decision-grpc-port`: the `grpc` extra (`pip install 'sidecar[grpc]'`: grpcio, serving the method through a generic
+handler, and envoy-data-plane, Envoy's API as betterproto2 messages under its own `envoy_data_plane` namespace; not
+xds-protos, whose top-level `opentelemetry.proto` copy overwrites the otel extra's). Decided like every other
+decision-mode ask (sidecar/proxy/decision.py `DecisionApp.ask`: the gateway's route, authenticate, authorise,
+refusal, audit line and metrics).
 
 Allow: status OK and an `OkHttpResponse` with the identity headers to set (`append_action:
 OVERWRITE_IF_EXISTS_OR_ADD` explicitly: an unset action has meant "append" in some Envoy versions, beside a forged
@@ -16,10 +18,16 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, unquote_plus
 
 import grpc
-from envoy.config.core.v3 import base_pb2
-from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
-from envoy.type.v3 import http_status_pb2
-from google.rpc import code_pb2, status_pb2
+from envoy_data_plane.envoy.config.core.v3 import HeaderValue, HeaderValueOption, HeaderValueOptionHeaderAppendAction
+from envoy_data_plane.envoy.service.auth.v3 import (
+    AttributeContextHttpRequest,
+    CheckRequest,
+    CheckResponse,
+    DeniedHttpResponse,
+    OkHttpResponse,
+)
+from envoy_data_plane.envoy.type.v3 import HttpStatus, StatusCode
+from envoy_data_plane.google.rpc import Status
 
 from sidecar.ip_addresses import canonical_ip
 from sidecar.proxy.decision import DecisionApp, removals, stripped_cookie
@@ -27,12 +35,21 @@ from sidecar.proxy.decision import DecisionApp, removals, stripped_cookie
 if TYPE_CHECKING:
     from sidecar.proxy.decision import Scope
 
-OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+SERVICE = "envoy.service.auth.v3.Authorization"
+OVERWRITE = HeaderValueOptionHeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD
+# google.rpc.Code values (the same numbers as gRPC's status codes).
+OK, PERMISSION_DENIED, UNAUTHENTICATED = 0, 7, 16
 
 
-def original_scope(request: external_auth_pb2.CheckRequest, peer: str) -> Scope:
+def http_request(request: CheckRequest) -> AttributeContextHttpRequest:
+    """The `attributes.request.http` of a check, empty where Envoy left a message out."""
+    attributes = request.attributes
+    http = attributes.request.http if attributes is not None and attributes.request is not None else None
+    return http if http is not None else AttributeContextHttpRequest()
+
+
+def original_scope(http: AttributeContextHttpRequest, peer: str) -> Scope:
     """The ASGI scope of the request Envoy asks about (its `AttributeContext.HttpRequest`)."""
-    http = request.attributes.request.http
     path, _, query = http.path.partition("?")
     raw = path.encode("latin-1")
     headers = [(name.lower().encode("latin-1"), value.encode("latin-1"))
@@ -55,15 +72,14 @@ def grpc_peer(context: grpc.aio.ServicerContext) -> str:
         return "0.0.0.0"
 
 
-class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):
+class AuthorizationService:
     def __init__(self, decisions: DecisionApp) -> None:
         self.decisions = decisions
 
-    async def Check(self, request: external_auth_pb2.CheckRequest,
-                    context: grpc.aio.ServicerContext) -> external_auth_pb2.CheckResponse:
-        http = request.attributes.request.http
+    async def Check(self, request: CheckRequest, context: grpc.aio.ServicerContext) -> CheckResponse:
+        http = http_request(request)
         body = http.raw_body or http.body.encode("utf-8")
-        original = original_scope(request, grpc_peer(context))
+        original = original_scope(http, grpc_peer(context))
         sent = False
 
         async def receive() -> dict[str, Any]:
@@ -82,7 +98,7 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):
         if asked is None:
             return denied(refusal)
         exchange, plan, view, identity = asked
-        ok = external_auth_pb2.OkHttpResponse(
+        ok = OkHttpResponse(
             headers=[_header(name, value) for name, value in self.decisions.identity(view, identity)],
             headers_to_remove=[name.decode("latin-1") for name in removals(plan, view, self.decisions.gateway.services
                                                                            .policy)],
@@ -97,31 +113,34 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):
         elif cookie is not None:
             ok.headers_to_remove.append("cookie")
         await self.decisions.allowed(exchange, plan, identity)
-        return external_auth_pb2.CheckResponse(status=status_pb2.Status(code=code_pb2.OK), ok_response=ok)
+        return CheckResponse(status=Status(code=OK), ok_response=ok)
 
 
-def _header(name: bytes, value: bytes) -> base_pb2.HeaderValueOption:
-    return base_pb2.HeaderValueOption(
-        header=base_pb2.HeaderValue(key=name.decode("latin-1"), value=value.decode("latin-1")), append_action=OVERWRITE)
+def _header(name: bytes, value: bytes) -> HeaderValueOption:
+    return HeaderValueOption(
+        header=HeaderValue(key=name.decode("latin-1"), value=value.decode("latin-1")), append_action=OVERWRITE)
 
 
-def denied(messages: list[dict[str, Any]]) -> external_auth_pb2.CheckResponse:
+def denied(messages: list[dict[str, Any]]) -> CheckResponse:
     """A refusal the gateway rendered as ASGI messages (start, body), as Envoy's denied response."""
     start = next(m for m in messages if m["type"] == "http.response.start")
     body = b"".join(m.get("body", b"") for m in messages if m["type"] == "http.response.body")
     status = start["status"]
     headers = [_header(name, value) for name, value in start["headers"] if name != b"content-length"]
-    code = code_pb2.UNAUTHENTICATED if status == 401 else code_pb2.PERMISSION_DENIED
-    return external_auth_pb2.CheckResponse(
-        status=status_pb2.Status(code=code),
-        denied_response=external_auth_pb2.DeniedHttpResponse(
-            status=http_status_pb2.HttpStatus(code=status), headers=headers, body=body.decode("utf-8", "replace")))
+    code = UNAUTHENTICATED if status == 401 else PERMISSION_DENIED
+    return CheckResponse(
+        status=Status(code=code),
+        denied_response=DeniedHttpResponse(
+            status=HttpStatus(code=StatusCode(status)), headers=headers, body=body.decode("utf-8", "replace")))
 
 
 async def start_server(decisions: DecisionApp, host: str, port: int) -> grpc.aio.Server:
     """The gRPC server on host:port (SO_REUSEPORT, so `--workers N` processes share it)."""
     server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
-    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(AuthorizationService(decisions), server)
+    check = grpc.unary_unary_rpc_method_handler(AuthorizationService(decisions).Check,
+                                                request_deserializer=CheckRequest.parse,
+                                                response_serializer=bytes)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {"Check": check}),))
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     if server.add_insecure_port(address) == 0:
         raise OSError(f"cannot listen on {address} (--decision-grpc-port)")

@@ -160,3 +160,33 @@ def test_tracing_off_imports_nothing_of_opentelemetry(otel_env: dict[str, str]):
                           env={**env, **otel_env})
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(done.stdout.strip().splitlines()[-1]) == []
+
+
+def test_unsampled_requests_make_no_span_and_a_sampled_parent_is_followed(monkeypatch):
+    """At ratio 0 nothing is exported and no traceparent is added upstream (a client's passes as it came), but a
+    request whose incoming traceparent says "sampled" is traced, continuing that trace (W3C Trace Context)."""
+    receiver = Receiver()
+    with serve_in_thread(receiver) as otlp, recording_upstream() as up:
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", otlp)
+        monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "50")
+        monkeypatch.setenv("OTEL_TRACES_SAMPLER", "parentbased_traceidratio")
+        monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", "0")
+        config = {"version": 1, "upstream": up.url, "authenticators": {"open": {"type": "anonymous"}},
+                  "routes": [{"id": "open", "match": {"path": "/**"}, "auth": ["open"]}]}
+        unsampled = f"00-{INCOMING_TRACE}-{INCOMING_PARENT}-00"
+        with running_sidecar(config) as sc:
+            for _ in range(20):
+                assert httpx.get(sc.url + "/plain").status_code == 200
+            assert httpx.get(sc.url + "/parent-unsampled", headers={"traceparent": unsampled}).status_code == 200
+            assert httpx.get(sc.url + "/parent-sampled",
+                             headers={"traceparent": f"00-{INCOMING_TRACE}-{INCOMING_PARENT}-01"}).status_code == 200
+        deadline = time.monotonic() + 5
+        while len(receiver.spans) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    received = {r.path: r.header("traceparent") for r in up.received}
+    assert received["/plain"] is None
+    assert received["/parent-unsampled"] == unsampled
+    assert received["/parent-sampled"] is not None and received["/parent-sampled"].split("-")[1] == INCOMING_TRACE
+    assert {span.trace_id.hex() for span in receiver.spans} == {INCOMING_TRACE}
+    assert {attributes(span).get("url.path") for span in receiver.spans if span.kind == span.SPAN_KIND_SERVER} == {
+        "/parent-sampled"}

@@ -190,3 +190,42 @@ def test_unsampled_requests_make_no_span_and_a_sampled_parent_is_followed(monkey
     assert {span.trace_id.hex() for span in receiver.spans} == {INCOMING_TRACE}
     assert {attributes(span).get("url.path") for span in receiver.spans if span.kind == span.SPAN_KIND_SERVER} == {
         "/parent-sampled"}
+
+
+def test_cache_result_and_webhook_delivery_are_traced(monkeypatch):
+    """The server span and the audit line say whether the verdict came from the cache (miss, then hit), and a
+    webhook delivery raised by the route's `emit` is a span of its own, with the webhook and event named."""
+    from tests.test_webhooks import SECRET
+    from tests.test_webhooks import Receiver as HookReceiver
+
+    keys = KeyPair()
+    token = keys.token({"sub": "alice"})
+    receiver, hooks = Receiver(), HookReceiver()
+    with serve_in_thread(receiver) as otlp, serve_in_thread(hooks) as hooks_url, recording_upstream() as up:
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", otlp)
+        monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "50")
+        config = {
+            "version": 1, "upstream": up.url,
+            "authenticators": {"partner": {"type": "jwt", "keys": [keys.public_pem]}},
+            "routes": [{"id": "pay", "match": {"path": "/pay/**"}, "auth": ["partner"],
+                        "emit": [{"event": "paid", "when": "2xx"}]}],
+            "webhooks": [{"id": "erp", "url": hooks_url + "/hooks", "events": ["paid"], "secret": SECRET,
+                          "allow_private": True}],
+        }
+        audit: list[dict[str, Any]] = []
+        with running_sidecar(config) as sc:
+            sc.services.audit.record = audit.append
+            for _ in range(2):
+                assert httpx.get(sc.url + "/pay/1", headers={"Authorization": f"Bearer {token}"}).status_code == 200
+            deadline = time.monotonic() + 5
+            while (len(hooks.hooks) < 2 or not any(s.name == "webhook.delivery" for s in receiver.spans)) \
+                    and time.monotonic() < deadline:
+                time.sleep(0.05)
+    assert [line.get("cache") for line in audit if line.get("route") == "pay"] == ["miss", "hit"]
+    servers = [s for s in receiver.spans if s.kind == s.SPAN_KIND_SERVER]
+    assert sorted(attributes(s).get("sidecar.cache") for s in servers) == ["hit", "miss"]
+    deliveries = [s for s in receiver.spans if s.name == "webhook.delivery"]
+    assert deliveries and {(attributes(s)["sidecar.webhook"], attributes(s)["sidecar.event"]) for s in deliveries} \
+        == {("erp", "paid")}
+    assert all(s.parent_span_id == b"" for s in deliveries)  # a trace of its own
+    assert token not in json.dumps([attributes(s) for s in receiver.spans], default=str)

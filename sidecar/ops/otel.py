@@ -182,5 +182,19 @@ class OtelTracer:
             finally:
                 _current.reset(token)
 
+    @contextlib.contextmanager
+    def root_span(self, name: str, **attributes: Any) -> Iterator[None]:
+        """A span that starts a trace of its own (background work: a webhook delivery), head-sampled as requests
+        are; its children (`span`) hang under it."""
+        if self.ratio is not None and not _sampled(None, self.ratio):
+            yield
+            return
+        with self.tracer.start_as_current_span(name, kind=SpanKind.PRODUCER, attributes=attributes) as root:
+            token = _current.set(root)
+            try:
+                yield
+            finally:
+                _current.reset(token)
+
     def shutdown(self) -> None:
         self.provider.shutdown()

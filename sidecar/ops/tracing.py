@@ -52,6 +52,7 @@ def _no_span(name: str, **attributes: Any) -> contextlib.AbstractContextManager[
 start_request = _no_request  # at the start of the gateway: the server span (incoming traceparent continued)
 start_upstream = _no_upstream  # around the upstream send: a client span; injects traceparent into `headers`
 span = _no_span  # `with tracing.span("jwks.fetch", url=...)`: a child span of the current request, if any
+root_span = _no_span  # `with tracing.root_span("webhook.delivery", ...)`: work of its own (a webhook delivery)
 _shutdown: list[Any] = []
 
 
@@ -69,7 +70,7 @@ def wanted(config: TracingConfig | None) -> bool:
 
 def configure(config: TracingConfig | None) -> bool:
     """Turn tracing on if wanted and the extra is installed; True when it is on."""
-    global start_request, start_upstream, span
+    global start_request, start_upstream, span, root_span
     if not wanted(config):
         return False
     try:
@@ -80,6 +81,7 @@ def configure(config: TracingConfig | None) -> bool:
         return False
     tracer = otel.OtelTracer(config)
     start_request, start_upstream, span = tracer.start_request, tracer.start_upstream, tracer.span
+    root_span = tracer.root_span
     _shutdown.append(tracer.shutdown)
     log.info("tracing on", extra=tracer.describe())
     return True
@@ -87,7 +89,7 @@ def configure(config: TracingConfig | None) -> bool:
 
 def shutdown() -> None:
     """Export what is left and turn tracing off again."""
-    global start_request, start_upstream, span
-    start_request, start_upstream, span = _no_request, _no_upstream, _no_span
+    global start_request, start_upstream, span, root_span
+    start_request, start_upstream, span, root_span = _no_request, _no_upstream, _no_span, _no_span
     while _shutdown:
         _shutdown.pop()()

@@ -32,6 +32,7 @@ from sidecar.proxy.client_cert import client_cert
 from sidecar.proxy.cors import is_preflight
 from sidecar.proxy.request_view import RequestView, client_address, is_trusted_peer
 from sidecar.proxy.upstream_request import build_headers, strip_body, strip_query, target
+from sidecar.proxy.verdict_cache import CACHE_RESULT
 from sidecar.proxy.websocket import SCOPE_KEY as WEBSOCKET
 
 if TYPE_CHECKING:
@@ -75,6 +76,7 @@ class Exchange:
         self.status = 0
         self.response_bytes = 0
         self.trace: tracing.RequestTrace | None = None
+        CACHE_RESULT.set(None)  # set by the verdict cache if this request's credential goes through it
 
     def finish(self, decision: str, reason: str, status: int) -> None:
         self.decision, self.reason, self.status = decision, reason, status
@@ -90,6 +92,9 @@ class Exchange:
             line["trace_id"] = self.trace.trace_id
         if self.path is not None:
             line["path"] = self.path
+        cache = CACHE_RESULT.get()
+        if cache is not None:
+            line["cache"] = cache
         if self.request is not None:
             line["client_ip"] = self.request.client_ip
         if self.identity is not None:

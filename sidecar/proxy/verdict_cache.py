@@ -16,6 +16,7 @@ the new TTL is a miss.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hashlib
 import json
 import time
@@ -124,6 +125,11 @@ class StoreVerdicts:
             await self._store.set(f"{PREFIX}verdict:{key.hex()}", json.dumps(data, default=str), ttl=ttl)
         except DependencyUnavailable:
             pass
+
+
+# How the verdict of the request running in this context was found (hit, miss, coalesced, shared_hit): for its
+# audit line and its span (the gateway reads it after authenticating).
+CACHE_RESULT: contextvars.ContextVar[str | None] = contextvars.ContextVar("sidecar_cache_result", default=None)
 
 
 # What an entry costs beyond its strings, measured with tracemalloc (tests/unit/test_verdict_cache.py checks the
@@ -289,7 +295,7 @@ class VerdictCache:
         self.local = LocalVerdicts(max_entries, max_bytes)
         self.shared = shared
         self._inflight: dict[bytes, asyncio.Future[Verdict]] = {}
-        self._on_result = on_result or (lambda result: None)
+        self._report = on_result or (lambda result: None)
 
     def configure(self, ttl: float, negative_ttl: float, max_entries: int, max_bytes: int | None = None) -> None:
         """A reload's `cache:` settings. When the TTLs change, the local layer is emptied: no entry may outlive
@@ -298,6 +304,10 @@ class VerdictCache:
             self.local.clear()
         self.ttl, self.negative_ttl = ttl, negative_ttl
         self.local.resize(max_entries, max_bytes)
+
+    def _on_result(self, result: str) -> None:
+        self._report(result)
+        CACHE_RESULT.set(result)
 
     async def resolve(self, auth: Authenticator, credential: Credential, request: RequestView) -> Identity:
         if not auth.cacheable:

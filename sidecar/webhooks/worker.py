@@ -31,6 +31,7 @@ import httpx
 from standardwebhooks import Webhook as StandardWebhook
 
 from sidecar.config.limits import SpoolConfig
+from sidecar.ops import tracing
 from sidecar.outbound.guard import UnsafeDestination, delivery_client
 from sidecar.webhooks.isolation import ReceiverGuards
 from sidecar.webhooks.queue import Delivery, DeliveryQueue, MemoryQueue, Ticket, iso8601
@@ -247,7 +248,10 @@ class Webhooks:
             return
         verdict, error = "retry", "the attempt did not finish"
         try:
-            verdict, error = await self._attempt(webhook, delivery)
+            with tracing.root_span("webhook.delivery", **{"sidecar.webhook": webhook.id,
+                                                          "sidecar.event": delivery.event,
+                                                          "sidecar.attempt": delivery.attempts + 1}):
+                verdict, error = await self._attempt(webhook, delivery)
         finally:
             guard.done(webhook, verdict == "retry", time.time())
         await self._attempted(ticket, delivery, webhook, verdict, error)

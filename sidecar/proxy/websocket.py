@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -23,7 +22,7 @@ import httptools
 
 from sidecar.errors import Unavailable, UpstreamTimeout, UpstreamUnavailable
 from sidecar.proxy.transports.base import HOP_BY_HOP, Upstream
-from sidecar.proxy.transports.tls import UpstreamTlsContext, tls_refusal
+from sidecar.proxy.transports.tls import UpstreamTlsContext, open_connection
 
 if TYPE_CHECKING:
     from prometheus_client import Counter, Gauge
@@ -154,21 +153,7 @@ class Tunnels:
 
 
 async def _connect(upstream: Upstream, tls: UpstreamTlsContext | None, timeout: float) -> UpstreamSide:
-    loop = asyncio.get_running_loop()
-    try:
-        if tls is None:
-            connecting = loop.create_connection(UpstreamSide, upstream.host, upstream.port)
-        else:  # SNI and certificate verification always, as the pool (transports/tls.py)
-            connecting = loop.create_connection(UpstreamSide, upstream.host, upstream.port, ssl=tls.context(),
-                                                server_hostname=tls.server_name, ssl_handshake_timeout=timeout)
-        _, side = await asyncio.wait_for(connecting, timeout)
-    except TimeoutError:
-        raise UpstreamTimeout("the upstream did not accept a connection in time") from None
-    except ssl.SSLError as exc:  # before OSError: it is one
-        raise tls_refusal(exc) from None
-    except OSError:
-        raise UpstreamUnavailable("the upstream could not be reached") from None
-    return side
+    return await open_connection(UpstreamSide, upstream.host, upstream.port, tls, timeout)
 
 
 class _Side(asyncio.Protocol):

@@ -24,7 +24,7 @@ import httptools
 
 from sidecar.errors import UpstreamTimeout, UpstreamUnavailable
 from sidecar.proxy.transports.base import HOP_BY_HOP, Body, Headers, Upstream
-from sidecar.proxy.transports.tls import UpstreamTlsContext, tls_refusal
+from sidecar.proxy.transports.tls import UpstreamTlsContext, open_connection, tls_refusal
 
 if TYPE_CHECKING:
     from sidecar.config.model import UpstreamTlsConfig
@@ -363,22 +363,8 @@ class PoolTransport:
             conn.close()
 
     async def _connect(self) -> Connection:
-        loop = self.loop
-        try:
-            if self.tls is None:
-                connecting = loop.create_connection(lambda: Connection(self), self.upstream.host, self.upstream.port)
-            else:  # SNI and certificate verification always (the context checks the name: check_hostname)
-                connecting = loop.create_connection(
-                    lambda: Connection(self), self.upstream.host, self.upstream.port, ssl=self.tls.context(),
-                    server_hostname=self.tls.server_name, ssl_handshake_timeout=self.connect_timeout)
-            _, conn = await asyncio.wait_for(connecting, self.connect_timeout)
-        except TimeoutError:
-            raise UpstreamTimeout("the upstream did not accept a connection in time") from None
-        except ssl.SSLError as exc:  # before OSError: it is one
-            raise tls_refusal(exc) from None
-        except OSError:
-            raise UpstreamUnavailable("the upstream could not be reached") from None
-        return conn
+        return await open_connection(lambda: Connection(self), self.upstream.host, self.upstream.port, self.tls,
+                                     self.connect_timeout)
 
     async def send(self, method: str, target: bytes, headers: Headers, body: Body) -> PoolResponse:
         if self.loop is None:

@@ -9,13 +9,15 @@ context stays in use and the files are looked at again a second later."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import ssl
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
 
 from sidecar.config.model import upstream_tls_context
-from sidecar.errors import UpstreamUnavailable
+from sidecar.errors import UpstreamTimeout, UpstreamUnavailable
 from sidecar.file_stamps import Stamp, file_stamps
 
 if TYPE_CHECKING:
@@ -75,3 +77,28 @@ def ssl_error_in(exc: BaseException | None) -> ssl.SSLError | None:
         exc = exc.__cause__ or exc.__context__
         seen += 1
     return None
+
+
+P = TypeVar("P", bound=asyncio.BaseProtocol)
+
+
+async def open_connection(protocol: Callable[[], P], host: str, port: int, tls: UpstreamTlsContext | None,
+                          timeout: float) -> P:
+    """A connection to the upstream, plain or TLS — SNI and certificate verification always (the context checks
+    the name: check_hostname) — for the pool and for WebSocket tunnels alike. Failures map onto the error tree:
+    504 for time, 502 `upstream_tls_failed` for TLS (audited with why), 502 otherwise."""
+    loop = asyncio.get_running_loop()
+    try:
+        if tls is None:
+            connecting = loop.create_connection(protocol, host, port)
+        else:
+            connecting = loop.create_connection(protocol, host, port, ssl=tls.context(),
+                                                server_hostname=tls.server_name, ssl_handshake_timeout=timeout)
+        _, connection = await asyncio.wait_for(connecting, timeout)
+    except TimeoutError:
+        raise UpstreamTimeout("the upstream did not accept a connection in time") from None
+    except ssl.SSLError as exc:  # before OSError: it is one
+        raise tls_refusal(exc) from None
+    except OSError:
+        raise UpstreamUnavailable("the upstream could not be reached") from None
+    return connection

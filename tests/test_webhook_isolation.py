@@ -70,5 +70,7 @@ def test_a_stalled_receiver_does_not_delay_a_healthy_one(stalled: Receiver, heal
         assert len(slow_pending) == 20
         # A deferral is not an attempt: only those that reached the receiver count (4, then a few more freed
         # slots let through before the breaker opened).
-        assert sum(d["attempts"] for d in slow_pending) == len(stalled.hooks) < 10
+        # An attempt is counted when it starts, so one may be on its way to the receiver as this is read.
+        attempts = sum(d["attempts"] for d in slow_pending)
+        assert len(stalled.hooks) <= attempts <= len(stalled.hooks) + 1 and attempts < 10
         assert any("circuit breaker open" in (d["last_error"] or "") for d in slow_pending)

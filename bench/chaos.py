@@ -36,7 +36,7 @@ from typing import Any
 
 import httpx
 
-from sidecar.echo import EchoApp
+from sidecar.echo import EchoApp, read_body
 from sidecar.testing import KeyPair, free_port, serve_in_thread
 
 ADMIN = "chaos-admin-token-0123456789abcdef"
@@ -59,12 +59,7 @@ class Receiver:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         import asyncio
 
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_body(receive)
         while time.monotonic() < self.stall_until:
             await asyncio.sleep(0.05)
         headers = dict(scope["headers"])

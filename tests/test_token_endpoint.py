@@ -16,6 +16,7 @@ import pytest
 from conftest import config_text, error_body, make_config, route
 
 from sidecar.authn.ip_key_sealing import keyring_for
+from sidecar.echo import read_body
 from sidecar.testing import KeyPair, RecordingUpstream, RunningSidecar, running_sidecar, serve_in_thread
 
 ADMIN = "test-admin-token-0123456789abcdef"
@@ -33,12 +34,7 @@ def sha256(text: str) -> str:
 
 async def credentials_service(scope: dict[str, Any], receive: Any, send: Any) -> None:
     """A customer's json_status login service (seed 001): password "right" is the only good one."""
-    body = b""
-    while True:
-        message = await receive()
-        body += message.get("body", b"")
-        if not message.get("more_body"):
-            break
+    body = await read_body(receive)
     form = dict(parse_qsl(body.decode()))
     if form.get("password") == "right":
         reply = {"status": "OK", "userData": {"login": form["username"], "name": "Maria"}}

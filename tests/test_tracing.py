@@ -13,6 +13,7 @@ import httpx
 import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
+from sidecar.echo import read_body
 from sidecar.state.client_token_store import new_token, token_hash
 from sidecar.testing import KeyPair, recording_upstream, redis_url_for_tests, running_sidecar, serve_in_thread
 from tests.validator_support import validator
@@ -30,12 +31,7 @@ class Receiver:
         self.spans: list[Any] = []
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_body(receive)
         if scope["path"] == "/v1/traces":
             request = ExportTraceServiceRequest()
             request.ParseFromString(body)

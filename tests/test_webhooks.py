@@ -23,6 +23,7 @@ from redis_support import redis_url  # noqa: F401  (fixture)
 from standardwebhooks import Webhook, WebhookVerificationError
 from test_jwt_routes import captured_audit
 
+from sidecar.echo import read_body
 from sidecar.state.client_token_store import new_token, token_hash
 from sidecar.testing import SidecarProcess, running_sidecar, serve_in_thread
 from sidecar.webhooks.redis_queue import GROUP, STREAM
@@ -61,12 +62,7 @@ class Receiver:
         self.url = ""
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_body(receive)
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         self.hooks.append(Hook(headers, body))
         while self.stalled.is_set():

@@ -25,51 +25,29 @@ def changed(library: str, what: str, module: str) -> str:
             f"version, or install the version pyproject.toml allows")
 
 
-def test_uvicorn_httptools_protocol_keeps_the_hooks_http_protocol_overrides() -> None:
-    """uvicorn's HttpToolsProtocol still has the methods and attributes sidecar/server/http_protocol.py uses."""
-    try:
-        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
-        from uvicorn.server import ServerState
-    except ImportError as exc:
-        pytest.fail(changed("uvicorn", f"where its httptools protocol is ({exc})", "sidecar/server/http_protocol.py"))
-    missing = [name for name in ("connection_made", "data_received", "on_message_begin", "on_url",
-                                 "on_headers_complete") if not callable(getattr(HttpToolsProtocol, name, None))]
-    assert not missing, changed("uvicorn", f"HttpToolsProtocol (no {', '.join(missing)})",
-                                "sidecar/server/http_protocol.py")
-    assert "default_headers" in inspect.signature(RequestResponseCycle.__init__).parameters, changed(
-        "uvicorn", "the response cycle's default_headers", "sidecar/server/http_protocol.py")
-    assert "self.default_headers + " in inspect.getsource(RequestResponseCycle), changed(
-        "uvicorn", "how the response cycle prepends default_headers", "sidecar/server/http_protocol.py")
-    assert isinstance(getattr(ServerState(), "default_headers", None), list), changed(
+def test_uvicorn_server_builds_and_shuts_down_our_protocol_as_http_protocol_expects() -> None:
+    """sidecar/server/http_protocol.py is uvicorn's `http=` protocol class: `uvicorn.Server` builds it with
+    `config=`, `server_state=` and `app_state=`, keeps the Date tick in `server_state.default_headers`, counts
+    `total_requests`, waits on `connections` and `tasks` at shutdown, and calls each connection's `shutdown()`."""
+    from uvicorn.server import ServerState
+
+    startup = inspect.getsource(uvicorn.Server.startup)
+    for needed in ("config.http_protocol_class", "server_state=", "app_state="):
+        assert needed in startup, changed("uvicorn", f"how Server builds its protocol ({needed})",
+                                          "sidecar/server/http_protocol.py")
+    shutdown = inspect.getsource(uvicorn.Server.shutdown) + inspect.getsource(uvicorn.Server._wait_tasks_to_complete)
+    for needed in ("connection.shutdown()", "server_state.connections", "server_state.tasks"):
+        assert needed in shutdown, changed("uvicorn", f"how Server shuts connections down ({needed})",
+                                           "sidecar/server/http_protocol.py")
+    state = ServerState()
+    assert isinstance(getattr(state, "default_headers", None), list), changed(
         "uvicorn", "ServerState.default_headers", "sidecar/server/http_protocol.py")
-    config = uvicorn.Config(_app)
+    assert isinstance(state.connections, set) and isinstance(state.tasks, set) and state.total_requests == 0, changed(
+        "uvicorn", "ServerState's connections, tasks or total_requests", "sidecar/server/http_protocol.py")
+    config = uvicorn.Config(_app, timeout_keep_alive=7)
     config.load()
-    protocol = HttpToolsProtocol(config, ServerState(), {}, asyncio.new_event_loop())
-    try:
-        absent = [name for name in ("loop", "server_state", "headers", "cycle", "transport")
-                  if not hasattr(protocol, name)]
-    finally:
-        protocol.loop.close()
-    assert not absent, changed("uvicorn", f"HttpToolsProtocol's attributes (no {', '.join(absent)})",
-                               "sidecar/server/http_protocol.py")
-    assert "self.url" in inspect.getsource(HttpToolsProtocol.on_url), changed(
-        "uvicorn", "HttpToolsProtocol.url", "sidecar/server/http_protocol.py")
-
-
-def test_uvicorn_keeps_what_the_websocket_take_over_uses() -> None:
-    """The WebSocket hand-over (http_protocol.py `take_over`) relies on uvicorn's upgrade helpers, its `shutdown`
-    hook, and a response cycle whose `send` is a no-op once `disconnected` is set."""
-    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
-
-    missing = [name for name in ("_get_upgrade", "_unset_keepalive_if_required", "_unsupported_upgrade_warning",
-                                 "shutdown") if not callable(getattr(HttpToolsProtocol, name, None))]
-    assert not missing, changed("uvicorn", f"HttpToolsProtocol (no {', '.join(missing)})",
-                                "sidecar/server/http_protocol.py")
-    source = inspect.getsource(RequestResponseCycle)
-    for needed in ("if self.disconnected:", "self.response_started", "self.response_complete", "self.keep_alive"):
-        assert needed in source, changed("uvicorn", f"the response cycle ({needed})", "sidecar/server/http_protocol.py")
-    assert "ws_protocol_class is None" in inspect.getsource(HttpToolsProtocol._should_upgrade_to_ws), changed(
-        "uvicorn", 'how ws="none" turns its WebSocket handling off', "sidecar/server/runner.py")
+    assert config.loaded_app is not None and config.timeout_keep_alive == 7, changed(
+        "uvicorn", "Config.loaded_app or Config.timeout_keep_alive", "sidecar/server/http_protocol.py")
 
 
 async def _app(scope, receive, send):  # type: ignore[no-untyped-def]
@@ -79,8 +57,8 @@ async def _app(scope, receive, send):  # type: ignore[no-untyped-def]
 
 
 def test_uvicorn_runs_the_sidecar_protocol_and_leaves_signals_alone() -> None:
-    """Under the installed uvicorn the runner's server starts from a thread, takes the target's authority as Host
-    and sends the app's own Date alone (what sidecar/server/http_protocol.py does through uvicorn's internals)."""
+    """Under the installed uvicorn the runner's server starts with our protocol, takes the target's authority as Host
+    and sends the app's own Date alone (sidecar/server/http_protocol.py, with uvicorn's Date tick)."""
     assert "capture_signals" in inspect.getsource(uvicorn.Server.serve), changed(
         "uvicorn", "Server.capture_signals", "sidecar/server/runner.py (SignalFreeServer)")
     with socket.socket() as listener:

@@ -1,192 +1,573 @@
-"""uvicorn's httptools protocol, with the writes of one event-loop turn coalesced into one send, one `Date` per
-response, the request head bounded, and an absolute-form target's authority taken as the Host.
+"""The HTTP/1.1 server protocol of every listener: the `httptools` (llhttp) parser, ASGI to the application, and
+nothing the sidecar does not use.
 
-uvicorn writes a response's status line and headers, then each body chunk, as separate `transport.write`s —
-each a send(2) on the socket. On loopback a send costs more than everything else the sidecar does for a
-request (bench/). Buffering the writes made during one turn of the loop and sending them together at the end
-of the turn keeps behaviour identical (same bytes, same order, nothing held across turns) with one system call
-where there were two or three.
+uvicorn still runs the servers (sockets, TLS handshakes, the Date tick, graceful shutdown: `uvicorn.Server` with
+this class as its `http=` protocol), but no longer parses: its own httptools protocol builds, per request, a
+response-cycle object, an `asyncio.Event`, a flow-control object, a scope with a copied state dict and a keep-alive
+timer, and writes each response in two or three `send(2)`s. Here a request costs one small `_Cycle`, a scope of the
+keys ASGI requires, one task, and one send per loop turn (issue 19: bench/README.md has the figures). Parsing is the
+same llhttp parser uvicorn uses, with the same settings: no HTTP parsing is written here.
 
-This is the one module that reaches into uvicorn's internals (the uvicorn version is capped in pyproject.toml;
-tests/test_dependency_internals.py fails with a clear message when a new uvicorn changes them): uvicorn has no
-public hook for any of the above. Relied on: the class `uvicorn.protocols.http.httptools_impl.HttpToolsProtocol`
-(named by uvicorn's own `http=` setting) with its `connection_made`, `data_received`, `on_message_begin` and
-`on_headers_complete`; its attributes `loop`, `transport`, `url`, `headers`, `cycle` and
-`server_state.default_headers`; and the response cycle's `default_headers`, prepended as `default_headers + headers`.
-For WebSocket pass-through also `_get_upgrade`, `_unset_keepalive_if_required`, `_unsupported_upgrade_warning`,
-`shutdown`, `connections`, and the cycle's `keep_alive`, `response_started`, `response_complete` and `disconnected`
-(its `send` does nothing once that is set)."""
+What it keeps from uvicorn's protocol, rule for rule (tests/adversarial/ checks them): a malformed request is a 400
+and the connection closes; pipelined requests are answered in order, one at a time; `Expect: 100-continue` is
+answered when the application first reads the body; HTTP/1.0 and `Connection: close` close after the response;
+a response without Content-Length is sent chunked (not to HEAD, not for 204/304); a response header with a control
+character is refused (no response splitting); the application's Content-Length is held to the bytes it sends; a
+client that goes away is an `http.disconnect`; body reading and response writing apply back-pressure.
+
+What it adds: the writes of one loop turn leave in one `send(2)`; one `Date` per response (an upstream's own is
+forwarded alone, RFC 9110 §6.6.1); the request head is bounded (httptools buffers an unfinished head without limit:
+past MAX_HEAD_BYTES, 431 and close); an absolute-form target's authority is the Host (RFC 9112 §3.2.2); the idle
+timeout also covers a connection that never sends a request; and a WebSocket handshake reaches the gateway as an
+ordinary request carrying this protocol, which hands its socket over once the upstream has answered 101."""
 
 from __future__ import annotations
 
 import asyncio
+import http
+import logging
+import re
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+import httptools
 
 from sidecar.errors import error_body
 from sidecar.proxy.client_cert import tls_extension
 from sidecar.proxy.websocket import SCOPE_KEY as WEBSOCKET
 
-
-class CoalescingTransport:
-    """An `asyncio.Transport` front that gathers the writes of one loop turn; everything else passes through."""
-
-    __slots__ = ("_loop", "_pending", "_transport")
-
-    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
-        self._transport = transport
-        self._loop = loop
-        self._pending: list[bytes] = []
-
-    def write(self, data: bytes) -> None:
-        if not data:
-            return
-        if not self._pending:
-            self._loop.call_soon(self._flush)
-        self._pending.append(data)
-
-    def _flush(self) -> None:
-        if self._pending:
-            data = b"".join(self._pending) if len(self._pending) > 1 else self._pending[0]
-            self._pending = []
-            if not self._transport.is_closing():
-                self._transport.write(data)
-
-    def close(self) -> None:
-        self._flush()
-        self._transport.close()
-
-    def get_write_buffer_size(self) -> int:
-        return self._transport.get_write_buffer_size() + sum(len(p) for p in self._pending)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._transport, name)
-
+log = logging.getLogger("uvicorn.error")
 
 MAX_EARLY_BYTES = 64 * 1024  # what a WebSocket client may send before its handshake is answered
 MAX_HEAD_BYTES = 80 * 1024  # request line and headers; the gateway answers 431 above 64 KiB of fields
+HIGH_WATER = 64 * 1024  # request body buffered before the socket stops being read
 _BODY_431 = error_body("headers_too_large", "the request head is larger than the limit")
-_HEAD_TOO_LARGE = (b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
+_HEAD_TOO_LARGE = (b"HTTP/1.1 431 Request Header Fields Too Large\r\n", b"content-type: application/json\r\n"
                    b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(_BODY_431), _BODY_431))
+_INVALID = b"Invalid HTTP request received."
+_BAD_REQUEST = (b"HTTP/1.1 400 Bad Request\r\n", b"content-type: text/plain; charset=utf-8\r\n"
+                b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(_INVALID), _INVALID))
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_ASGI = {"version": "3.0", "spec_version": "2.3"}
+_BAD_NAME = re.compile(b'[\x00-\x1f\x7f()<>@,;:\\[\\]={} \t\\\\"]')
+_BAD_VALUE = re.compile(b"[\x00-\x08\x0a-\x1f\x7f]")
 
 
-class DateUnlessSent(list[tuple[bytes, bytes]]):
-    """uvicorn's default headers (`date` alone: the Server header is off), which its response cycle prepends with
-    `default_headers + headers`. A response that carries its own Date (the upstream's, forwarded) keeps that one
-    alone: RFC 9110 §6.6.1 allows one Date, and a proxy forwards the origin's."""
-
-    def __add__(self, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:  # type: ignore[override]
-        for name, _ in headers:
-            if name.lower() == b"date":
-                return headers
-        return [*self, *headers]
+def _status_line(status: int) -> bytes:
+    try:
+        phrase = http.HTTPStatus(status).phrase.encode()
+    except ValueError:
+        phrase = b""
+    return b"HTTP/1.1 %d %s\r\n" % (status, phrase)
 
 
-class CoalescingHttpToolsProtocol(HttpToolsProtocol):
-    """Also bounds the request head: httptools buffers an unfinished header without limit, so an endless one
-    would grow memory until the connection dies. Past MAX_HEAD_BYTES before the head ends: 431, and close."""
+STATUS_LINE = {status: _status_line(status) for status in range(100, 600)}
 
-    _head_bytes = 0
-    _in_head = True
-    _tls: dict[str, Any] | None = None  # the ASGI TLS extension of this connection, on a TLS listener
-    _early: bytearray | None = None  # what a WebSocket client sent after its handshake, held while it is decided
-    _on_shutdown: Callable[[], None] | None = None  # set while this connection is a WebSocket tunnel
+
+class _Cycle:
+    """One request and its response: the ASGI `receive` and `send` of the application's call."""
+
+    __slots__ = ("body", "chunked", "complete", "delivered", "disconnected", "expect_continue", "head", "keep_alive",
+                 "more_body", "protocol", "remaining", "scope", "started", "waiter")
+
+    def __init__(self, protocol: HttpProtocol, scope: dict[str, Any], keep_alive: bool, expect_continue: bool,
+                 head: bool) -> None:
+        self.protocol = protocol
+        self.scope = scope
+        self.keep_alive = keep_alive
+        self.expect_continue = expect_continue
+        self.head = head  # a HEAD request: no body is written
+        self.body = bytearray()
+        self.more_body = True  # the request body has not been read to its end by the parser
+        self.delivered = False  # its last part has gone to the application
+        self.waiter: asyncio.Future[None] | None = None  # receive() waiting for body or disconnect
+        self.started = self.complete = self.disconnected = False
+        self.chunked = False
+        self.remaining = -1  # bytes still owed under the application's Content-Length (-1: none given)
+
+    def wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None:
+            self.waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def receive(self) -> dict[str, Any]:
+        protocol = self.protocol
+        if self.expect_continue:
+            self.expect_continue = False
+            if not protocol.transport.is_closing():
+                protocol.write(_CONTINUE)
+        while not (self.disconnected or self.complete) and not self.body and (self.more_body or self.delivered):
+            if not protocol.queue:  # not while pipelined requests wait: they are read one at a time
+                protocol.resume_reading()
+            self.waiter = protocol.loop.create_future()
+            await self.waiter
+        if self.disconnected or self.complete:
+            return {"type": "http.disconnect"}
+        body, self.body = bytes(self.body), bytearray()
+        if not self.more_body:
+            self.delivered = True
+        return {"type": "http.request", "body": body, "more_body": self.more_body}
+
+    async def send(self, message: dict[str, Any]) -> None:
+        protocol = self.protocol
+        if protocol.write_paused and not self.disconnected:
+            await protocol.drain()
+        if self.disconnected:
+            return
+        if not self.started:
+            if message["type"] != "http.response.start":
+                raise RuntimeError(f"Expected ASGI message 'http.response.start', but got {message['type']!r}.")
+            head = self.response_head(message["status"], message.get("headers") or ())  # raises on a bad header
+            self.started = True
+            self.expect_continue = False
+            protocol.write(head)
+        elif not self.complete:
+            if message["type"] != "http.response.body":
+                raise RuntimeError(f"Expected ASGI message 'http.response.body', but got {message['type']!r}.")
+            body = message.get("body", b"")
+            more = message.get("more_body", False)
+            if self.head:
+                self.remaining = -1
+            elif self.chunked:
+                if body:
+                    protocol.write(b"%x\r\n%s\r\n" % (len(body), body) if more else
+                                   b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
+                elif not more:
+                    protocol.write(b"0\r\n\r\n")
+            else:
+                if self.remaining >= 0:
+                    if len(body) > self.remaining:
+                        raise RuntimeError("Response content longer than Content-Length")
+                    self.remaining -= len(body)
+                if body:
+                    protocol.write(body)
+            if not more:
+                if self.remaining > 0:
+                    raise RuntimeError("Response content shorter than Content-Length")
+                self.complete = True
+                self.wake()
+                protocol.response_done(self)
+        else:
+            raise RuntimeError(f"Unexpected ASGI message {message['type']!r} sent, after response already completed.")
+
+    def response_head(self, status: int, headers: Any) -> bytes:
+        lines = [STATUS_LINE[status]]
+        names = values = b""
+        dated = close = False
+        for name, value in headers:
+            names += name
+            values += value
+            name = name.lower()
+            if name == b"content-length":
+                if self.remaining < 0 and not self.chunked:
+                    self.remaining = int(value)
+            elif name == b"transfer-encoding":
+                if value.lower() == b"chunked":
+                    self.chunked, self.remaining = True, -1
+            elif name == b"date":
+                dated = True
+            elif name == b"connection" and b"close" in [t.strip() for t in value.lower().split(b",")]:
+                self.keep_alive = False
+                close = True
+            lines += (name, b": ", value, b"\r\n")
+        if _BAD_NAME.search(names) or _BAD_VALUE.search(values):
+            raise RuntimeError("Invalid HTTP header name or value.")
+        if not dated:
+            for name, value in self.protocol.server_state.default_headers:
+                lines += (name, b": ", value, b"\r\n")
+        if not self.keep_alive and not close:
+            lines.append(b"connection: close\r\n")
+        if self.remaining < 0 and not self.chunked:
+            if self.head or status in (204, 304):
+                self.remaining = 0  # no body may follow
+            else:
+                self.chunked = True
+                lines.append(b"transfer-encoding: chunked\r\n")
+        lines.append(b"\r\n")
+        return b"".join(lines)
+
+    def finished(self, task: asyncio.Task[None]) -> None:
+        """The application's call is over: account for a call that failed or never finished its response."""
+        protocol = self.protocol
+        protocol.tasks.discard(task)
+        error = None if task.cancelled() else task.exception()
+        if error is not None:
+            log.error("Exception in ASGI application", exc_info=error)
+        elif self.complete or self.disconnected:
+            return
+        else:
+            log.error("ASGI callable returned without %s response.", "completing" if self.started else "starting")
+        if not self.started and not self.disconnected:
+            self.started = True
+            self.keep_alive = False
+            protocol.write(b"HTTP/1.1 500 Internal Server Error\r\ncontent-type: text/plain; charset=utf-8\r\n"
+                           b"content-length: 21\r\nconnection: close\r\n\r\nInternal Server Error")
+        self.complete = True
+        protocol.close()
+
+
+class HttpProtocol(asyncio.Protocol):
+    """One client connection. Built by `uvicorn.Server` as `HttpProtocol(config=, server_state=, app_state=)`."""
+
+    def __init__(self, config: Any, server_state: Any, app_state: dict[str, Any],
+                 _loop: asyncio.AbstractEventLoop | None = None) -> None:
+        if not config.loaded:
+            config.load()
+        self.app = config.loaded_app
+        self.loop = _loop or asyncio.get_event_loop()
+        self.server_state = server_state
+        self.connections: set[Any] = server_state.connections
+        self.tasks: set[asyncio.Task[None]] = server_state.tasks
+        self.idle_timeout: float = config.timeout_keep_alive
+        self.parser = httptools.HttpRequestParser(self)
+        # As uvicorn sets it: a response to the first of pipelined requests that ends with `Connection: close`.
+        self.parser.set_dangerous_leniencies(lenient_data_after_close=True)
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.client: tuple[str, int] | None = None
+        self.server: tuple[str, int] | None = None
+        self.scheme = "http"
+        self.tls: dict[str, Any] | None = None  # the ASGI TLS extension, on a TLS listener
+        self.cycle: _Cycle | None = None  # the request being answered
+        self.queue: deque[_Cycle] = deque()  # pipelined requests parsed behind it
+        self.out: list[bytes] = []  # writes of this loop turn
+        self.out_bytes = 0
+        self.write_paused = False
+        self.drain_waiter: asyncio.Future[None] | None = None
+        self.read_paused = False
+        self.parse_error = False
+        self.idle_since = 0.0
+        self.timer: asyncio.TimerHandle | None = None
+        self.early: bytearray | None = None  # what a WebSocket client sent after its handshake, held while decided
+        self.on_shutdown: Callable[[], None] | None = None  # set while this connection is a WebSocket tunnel
+        # Per request, while its head is parsed:
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.head_bytes = 0
+        self.in_head = False
+        self.expect_continue = False
+
+    # --- asyncio.Protocol ------------------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self.transport = transport  # uvloop's transports are not asyncio.Transport subclasses, but behave as one
+        self.connections.add(self)
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple) and len(peer) >= 2:
+            self.client = (str(peer[0]), int(peer[1]))
+        own = transport.get_extra_info("sockname")
+        if isinstance(own, tuple) and len(own) >= 2:
+            self.server = (str(own[0]), int(own[1]))
         ssl_object = transport.get_extra_info("ssl_object")
         if ssl_object is not None:  # the handshake is over: the client certificate is read once per connection
-            self._tls = tls_extension(ssl_object)
-        super().connection_made(CoalescingTransport(transport, self.loop))  # type: ignore[arg-type]
+            self.scheme = "https"
+            self.tls = tls_extension(ssl_object)
+        self.go_idle()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.connections.discard(self)
+        self.cancel_timer()
+        cycle = self.cycle
+        if cycle is not None:
+            if not cycle.complete:
+                cycle.disconnected = True
+            cycle.wake()
+        self.queue.clear()
+        self.out = []
+        self.write_paused = False
+        self.wake_drain()
+        if exc is None:
+            self.transport.close()
+
+    def eof_received(self) -> None:
+        return None  # the transport closes once the reply is written (or at once, if nothing is pending)
 
     def data_received(self, data: bytes) -> None:
-        if self._early is not None:  # a WebSocket handshake is being decided: nothing after it is HTTP
-            self._early += data
-            if len(self._early) > MAX_EARLY_BYTES:
+        if self.early is not None:  # a WebSocket handshake is being decided: nothing after it is HTTP
+            self.early += data
+            if len(self.early) > MAX_EARLY_BYTES:
                 self.transport.close()
             return
-        super().data_received(data)
+        if self.parse_error:
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            # The head was parsed (on_headers_complete). What follows it is not HTTP: kept for a WebSocket tunnel,
+            # else never read (the connection closes after the response).
+            if self.early is not None:
+                self.early += data[upgrade.args[0]:]
+        except httptools.HttpParserError:
+            log.warning("Invalid HTTP request received.")
+            self.unreadable(_BAD_REQUEST)
+            return
         # Counted after parsing: a read that finishes the head (and carries body bytes) is not held against it.
-        if self._in_head and not self.transport.is_closing():
-            self._head_bytes += len(data)
-            if self._head_bytes > MAX_HEAD_BYTES:
-                self.transport.write(_HEAD_TOO_LARGE)
-                self.transport.close()
+        if self.in_head and not self.transport.is_closing():
+            self.head_bytes += len(data)
+            if self.head_bytes > MAX_HEAD_BYTES:
+                self.unreadable(_HEAD_TOO_LARGE)
+
+    def unreadable(self, reply: tuple[bytes, bytes]) -> None:
+        """Nothing more is read from this connection. A request still reading its body is the bad one: answered
+        now (or, mid-response, cut off), its application sees a disconnect. Otherwise the request in progress is
+        answered first, then the connection closes; requests pipelined behind the bad one are never started."""
+        self.parse_error = True
+        self.pause_reading()
+        self.queue.clear()
+        cycle = self.cycle
+        if cycle is None:
+            self.refuse(reply)
+        elif cycle.more_body:
+            cycle.disconnected = True
+            cycle.wake()
+            if cycle.started:
+                self.close()
+            else:
+                self.refuse(reply)
+        else:
+            cycle.keep_alive = False
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self.wake_drain()
+
+    def refuse(self, reply: tuple[bytes, bytes]) -> None:
+        """A request the application never sees (unparsable, or its head too large): answered, with one Date, and the
+        connection closed."""
+        status, rest = reply
+        date = b"".join(b"%s: %s\r\n" % pair for pair in self.server_state.default_headers)
+        self.write(status + date + rest)
+        self.close()
+
+    # --- httptools callbacks -----------------------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
-        self._in_head = True
-        self._head_bytes = 0
-        super().on_message_begin()
-        if self._tls is not None:
-            self.scope["extensions"] = self._tls
+        self.in_head = True
+        self.head_bytes = 0
+        self.url = b""
+        self.headers = []
+        self.expect_continue = False
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        name = name.lower()
+        if name == b"expect" and value.lower() == b"100-continue":
+            self.expect_continue = True
+        self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        self._in_head = False
-        if self.url[:1] not in (b"/", b"*"):
+        self.in_head = False
+        parser = self.parser
+        version = parser.get_http_version()
+        method = parser.get_method().decode("ascii")
+        url = self.url
+        if url[:1] not in (b"/", b"*"):
             self._host_from_target()
-        cycle = self.cycle
-        websocket = self._is_websocket_handshake()
-        if websocket:
-            self.scope[WEBSOCKET] = self  # type: ignore[literal-required]  # the gateway's way to take the socket
-        super().on_headers_complete()
-        if self.cycle is not cycle and self.cycle is not None:
-            self.cycle.default_headers = DateUnlessSent(self.server_state.default_headers)
-            if websocket:
-                # httptools stops parsing at an upgrade's head: whatever the answer, nothing after it is read as a
-                # request. A refusal closes the connection (`Connection: close`); an acceptance takes it over.
-                self.cycle.keep_alive = False
-                self._early = bytearray()
+        parsed = httptools.parse_url(url)
+        raw_path = parsed.path
+        path = raw_path.decode("ascii")
+        if "%" in path:
+            from urllib.parse import unquote
+            path = unquote(path)
+        scope: dict[str, Any] = {
+            "type": "http", "asgi": _ASGI, "http_version": version, "server": self.server, "client": self.client,
+            "scheme": self.scheme, "root_path": "", "headers": self.headers, "method": method, "path": path,
+            "raw_path": raw_path, "query_string": parsed.query or b"",
+        }
+        if self.tls is not None:
+            scope["extensions"] = self.tls
+        upgrade = parser.should_upgrade()
+        keep_alive = version != "1.0" and parser.should_keep_alive() and not upgrade
+        cycle = _Cycle(self, scope, keep_alive, self.expect_continue, method == "HEAD")
+        if upgrade and self._is_websocket_handshake(method, version):
+            scope[WEBSOCKET] = self  # the gateway's way to take the socket (sidecar/proxy/websocket.py)
+            # httptools stops parsing at an upgrade's head: whatever the answer, nothing after it is read as a
+            # request. A refusal closes the connection (`Connection: close`); an acceptance takes it over.
+            self.early = bytearray()
+        if self.cycle is None:
+            self.start(cycle)
+        else:  # pipelined behind the request in progress: started when its response is complete
+            self.queue.append(cycle)
+            self.pause_reading()
 
-    # --- WebSocket pass-through (sidecar/proxy/websocket.py) -------------------------------------------------
-    # uvicorn runs with ws="none": it never answers an upgrade itself, so a WebSocket handshake reaches the
-    # gateway as an ordinary HTTP request, authenticated and authorised like any other. The ASGI application
-    # cannot take over the socket through standard ASGI, so the handshake's scope carries this protocol (a
-    # `ClientConnection`), and the gateway calls `take_over` once the upstream has answered 101. Other upgrades
-    # (h2c, ...) are not marked: they stay ordinary requests and their Upgrade header is dropped as hop-by-hop.
+    def on_body(self, body: bytes) -> None:
+        cycle = self.queue[-1] if self.queue else self.cycle
+        if cycle is None or cycle.complete:
+            return
+        cycle.body += body
+        if len(cycle.body) > HIGH_WATER:
+            self.pause_reading()
+        cycle.wake()
 
-    def _is_websocket_handshake(self) -> bool:
-        """RFC 6455 §4.1: a GET over HTTP/1.1 with `Connection: upgrade` and `Upgrade: websocket`."""
-        return (self.parser.should_upgrade() and self.parser.get_method() == b"GET"
-                and self.parser.get_http_version() == "1.1" and self._get_upgrade() == b"websocket")
+    def on_message_complete(self) -> None:
+        cycle = self.queue[-1] if self.queue else self.cycle
+        if cycle is None or cycle.complete:
+            return
+        cycle.more_body = False
+        cycle.wake()
 
-    def take_over(self, on_shutdown: Callable[[], None]) -> tuple[asyncio.Transport, bytes]:
-        """The raw socket for the tunnel, and what the client sent after its handshake. The request's response
-        cycle is retired first: its `send` becomes a no-op, so nothing uvicorn or the ASGI app still writes (such
-        as --grace's 503) can land in the middle of the WebSocket stream."""
-        coalescing = self.transport
-        assert isinstance(coalescing, CoalescingTransport)
-        coalescing._flush()
-        cycle = self.cycle
-        cycle.response_started = cycle.response_complete = cycle.disconnected = True
-        self._unset_keepalive_if_required()
-        self._on_shutdown = on_shutdown
-        early, self._early = bytes(self._early or b""), None
-        return coalescing._transport, early
+    # --- requests ----------------------------------------------------------------------------------------------
 
-    def _unsupported_upgrade_warning(self) -> None:
-        """uvicorn warns about every upgrade it does not perform itself; with ws="none" that is all of them, and
-        each is handled: a WebSocket handshake by the gateway, any other as a plain request (Upgrade dropped)."""
+    def start(self, cycle: _Cycle) -> None:
+        self.cancel_timer()
+        self.cycle = cycle
+        task = self.loop.create_task(self.app(cycle.scope, cycle.receive, cycle.send))
+        self.tasks.add(task)
+        task.add_done_callback(cycle.finished)
 
-    def release(self) -> None:
-        self._on_shutdown = None
-        self.connections.discard(self)
+    def response_done(self, cycle: _Cycle) -> None:
+        """The response is written whole: the connection closes, or takes the next pipelined request, or waits."""
+        self.server_state.total_requests += 1
+        if cycle is not self.cycle:
+            return
+        self.cycle = None
+        if not cycle.keep_alive:  # (after a bad request pipelined behind this one too: it is not answered)
+            self.close()
+            return
+        if self.transport.is_closing():
+            return
+        if self.queue:
+            self.start(self.queue.popleft())
+            if not self.queue:
+                self.resume_reading()
+        else:
+            self.resume_reading()
+            self.go_idle()
+
+    # --- the socket ---------------------------------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        out = self.out
+        if not out:
+            self.loop.call_soon(self.flush)
+            self.out_bytes = 0
+        out.append(data)
+        self.out_bytes += len(data)
+        if self.out_bytes > HIGH_WATER:  # a large reply goes now: the transport's back-pressure then applies
+            self.flush()
+
+    def flush(self) -> None:
+        out = self.out
+        if out:
+            self.out = []
+            if not self.transport.is_closing():
+                self.transport.write(b"".join(out) if len(out) > 1 else out[0])
+
+    def close(self) -> None:
+        self.flush()
+        if not self.transport.is_closing():
+            self.transport.close()
+
+    async def drain(self) -> None:
+        if self.drain_waiter is None or self.drain_waiter.done():
+            self.drain_waiter = self.loop.create_future()
+        await self.drain_waiter
+
+    def wake_drain(self) -> None:
+        waiter = self.drain_waiter
+        if waiter is not None:
+            self.drain_waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def pause_reading(self) -> None:
+        if not self.read_paused:
+            self.read_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.read_paused and not self.parse_error:
+            self.read_paused = False
+            self.transport.resume_reading()
+
+    # --- idle timeout ---------------------------------------------------------------------------------------------
+    # One timer per idle period, not one per request: it is armed when the connection goes idle and, when it fires,
+    # closes the connection only if it is still idle and has been for the whole timeout.
+
+    def go_idle(self) -> None:
+        self.idle_since = self.loop.time()
+        if self.timer is None:
+            self.timer = self.loop.call_later(self.idle_timeout, self.idle_check)
+
+    def idle_check(self) -> None:
+        self.timer = None
+        if self.cycle is not None or self.transport.is_closing():
+            return
+        left = self.idle_since + self.idle_timeout - self.loop.time()
+        if left > 0.05:
+            self.timer = self.loop.call_later(left, self.idle_check)
+        else:
+            self.transport.close()
+
+    def cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    # --- shutdown (uvicorn.Server calls it on every connection) ------------------------------------------------
 
     def shutdown(self) -> None:
-        """The server is stopping: a tunnel is closed now (its client reconnects elsewhere) rather than holding the
-        shutdown for the whole grace period."""
-        if self._on_shutdown is not None:
-            self._on_shutdown()
+        """The server is stopping: an idle connection closes now, a busy one after its response; a tunnel is closed
+        now (its client reconnects elsewhere) rather than holding the shutdown for the whole grace period."""
+        if self.on_shutdown is not None:
+            self.on_shutdown()
+        elif self.cycle is None or self.cycle.complete:
+            self.close()
         else:
-            super().shutdown()
+            self.cycle.keep_alive = False
+            self.queue.clear()
+
+    # --- WebSocket pass-through (sidecar/proxy/websocket.py) -----------------------------------------------------
+    # A WebSocket handshake reaches the gateway as an ordinary HTTP request, authenticated and authorised like any
+    # other; its scope carries this protocol (a `ClientConnection`), and the gateway calls `take_over` once the
+    # upstream has answered 101. Other upgrades (h2c, ...) stay ordinary requests, their Upgrade header dropped as
+    # hop-by-hop, and the connection closes after them (the parser reads nothing after an upgrade's head).
+
+    def _is_websocket_handshake(self, method: str, version: str) -> bool:
+        """RFC 6455 §4.1: a GET over HTTP/1.1 with `Connection: upgrade` and `Upgrade: websocket`."""
+        if method != "GET" or version != "1.1":
+            return False
+        connection: list[bytes] = []
+        upgrade = None
+        for name, value in self.headers:
+            if name == b"connection":
+                connection = [token.lower().strip() for token in value.split(b",")]
+            elif name == b"upgrade":
+                upgrade = value.lower()
+        return b"upgrade" in connection and upgrade == b"websocket"
+
+    def take_over(self, on_shutdown: Callable[[], None]) -> tuple[asyncio.Transport, bytes]:
+        """The raw socket for the tunnel, and what the client sent after its handshake. The request's cycle is
+        retired first: its `send` becomes a no-op, so nothing the application still writes (such as --grace's 503)
+        can land in the middle of the WebSocket stream."""
+        self.flush()
+        cycle = self.cycle
+        if cycle is not None:
+            cycle.started = cycle.complete = cycle.disconnected = True
+            self.cycle = None
+        self.cancel_timer()
+        self.on_shutdown = on_shutdown
+        early, self.early = bytes(self.early or b""), None
+        return self.transport, early
+
+    def release(self) -> None:
+        self.on_shutdown = None
+        self.connections.discard(self)
 
     def _host_from_target(self) -> None:
         """RFC 9112 §3.2.2: with an absolute-form target (`GET http://host/path`) the target's authority is the
-        Host, and a received Host header is ignored. uvicorn keeps only the path, so the authority becomes the Host
-        here, as sent, for the gateway to validate and match like any other (`http://a@evil/` is then a 400)."""
+        Host, and a received Host header is ignored. The authority becomes the Host here, as sent, for the gateway to
+        validate and match like any other (`http://a@evil/` is then a 400)."""
         scheme, sep, rest = self.url.partition(b"://")
         if not sep or not scheme.isalpha():
-            return  # not absolute-form: uvicorn refuses it, or the gateway does
+            return  # not absolute-form: parse_url refuses it, or the gateway does
         end = len(rest)
         for stop in (b"/", b"?", b"#"):
             at = rest.find(stop)

@@ -48,15 +48,15 @@ class SignalFreeServer(uvicorn.Server):
 
 
 def _uvicorn_config(app: Any, *, graceful: float, tls: ssl.SSLContext | None = None) -> uvicorn.Config:
-    from sidecar.server.http_protocol import CoalescingHttpToolsProtocol
+    from sidecar.server.http_protocol import HttpProtocol
 
     # Our own context (server/tls.py), not uvicorn's ssl_* options: TLS 1.2+, chosen suites, reload on change.
     tls_factory = None if tls is None else lambda _config, _default: tls
 
     return uvicorn.Config(
-        app, lifespan="off", http=CoalescingHttpToolsProtocol, loop="none", access_log=False, proxy_headers=False,
+        app, lifespan="off", http=HttpProtocol, loop="none", access_log=False, proxy_headers=False,
         server_header=False, log_config=None, log_level=None,  # records go to the handler ops.logging_setup installs
-        ws="none",  # WebSocket handshakes reach the gateway as requests (server/http_protocol.py, proxy/websocket.py)
+        ws="none",  # our protocol passes WebSocket handshakes to the gateway as requests (proxy/websocket.py)
         timeout_graceful_shutdown=graceful,  # type: ignore[arg-type]  # typed int, but it goes to asyncio.wait_for
         timeout_keep_alive=75, h11_max_incomplete_event_size=64 * 1024, ssl_context_factory=tls_factory,
     )

@@ -31,6 +31,7 @@ from sidecar.proxy.authorization import authorize
 from sidecar.proxy.client_cert import client_cert
 from sidecar.proxy.cors import is_preflight
 from sidecar.proxy.request_view import RequestView, client_address, is_trusted_peer
+from sidecar.proxy.routing import normalise_path
 from sidecar.proxy.upstream_request import build_headers, strip_body, strip_query, target
 from sidecar.proxy.verdict_cache import CACHE_RESULT
 from sidecar.proxy.websocket import SCOPE_KEY as WEBSOCKET
@@ -132,7 +133,7 @@ class Gateway:
             await self.refused(refusal, exchange, send)
         except ClientDisconnected:
             exchange.finish("abandoned", "client_disconnected", 499)
-        except asyncio.CancelledError:  # --grace ran out: server.GraceCutoff answers 503 (or closes); audit it too
+        except asyncio.CancelledError:  # --grace ran out: the server protocol answers 503 (or closes); audit it too
             exchange.finish("abandoned", "shutting_down", 499 if exchange.responded else 503)
             self.record(exchange)
             raise
@@ -379,8 +380,6 @@ def handshake_head(target: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
 
 
 def normalise(scope: dict[str, Any]) -> str:
-    from sidecar.proxy.routing import normalise_path
-
     raw = scope.get("raw_path")
     if raw is None:
         raw = scope["path"].encode("utf-8")

@@ -32,12 +32,14 @@ from collections.abc import Callable
 from typing import Any
 
 import httptools
+import uvicorn
 
-from sidecar.errors import error_body
+from sidecar.errors import ShuttingDown, error_body
 from sidecar.proxy.client_cert import tls_extension
 from sidecar.proxy.websocket import SCOPE_KEY as WEBSOCKET
 
 log = logging.getLogger("uvicorn.error")
+sidecar_log = logging.getLogger("sidecar")
 
 MAX_EARLY_BYTES = 64 * 1024  # what a WebSocket client may send before its handshake is answered
 MAX_HEAD_BYTES = 80 * 1024  # request line and headers; the gateway answers 431 above 64 KiB of fields
@@ -63,6 +65,12 @@ def _status_line(status: int) -> bytes:
 
 
 STATUS_LINE = {status: _status_line(status) for status in range(100, 600)}
+
+
+class ServerConfig(uvicorn.Config):
+    """uvicorn's settings, and what this protocol counts for the shutdown line."""
+
+    cut_off = 0  # requests answered 503 or closed when --grace ran out
 
 
 class _Cycle:
@@ -193,7 +201,10 @@ class _Cycle:
         """The application's call is over: account for a call that failed or never finished its response."""
         protocol = self.protocol
         protocol.tasks.discard(task)
-        error = None if task.cancelled() else task.exception()
+        if task.cancelled():
+            self.cut_off()
+            return
+        error = task.exception()
         if error is not None:
             log.error("Exception in ASGI application", exc_info=error)
         elif self.complete or self.disconnected:
@@ -208,6 +219,27 @@ class _Cycle:
         self.complete = True
         protocol.close()
 
+    def cut_off(self) -> None:
+        """uvicorn cancels what still runs when --grace runs out. Before the reply has started the caller gets the JSON
+        503 `shutting_down` of the error table and the connection closes; after, the connection closes mid-reply —
+        never a body made to look whole (a last chunk sent now would pass a truncated reply off as complete)."""
+        if self.complete or self.disconnected:
+            return
+        protocol = self.protocol
+        if isinstance(protocol.config, ServerConfig):
+            protocol.config.cut_off += 1
+        if self.started:
+            sidecar_log.warning("grace period over: closed a connection in the middle of its reply")
+        else:
+            sidecar_log.warning("grace period over: answered 503 shutting_down to a request still in flight")
+            refusal = ShuttingDown("the sidecar is shutting down and its grace period ran out before the answer; "
+                                   "the upstream may have received the request")
+            body = refusal.body()
+            self.keep_alive = False
+            protocol.write(self.response_head(refusal.status, refusal.headers(body)) + body)
+        self.started = self.complete = True
+        protocol.close()
+
 
 class HttpProtocol(asyncio.Protocol):
     """One client connection. Built by `uvicorn.Server` as `HttpProtocol(config=, server_state=, app_state=)`."""
@@ -216,6 +248,7 @@ class HttpProtocol(asyncio.Protocol):
                  _loop: asyncio.AbstractEventLoop | None = None) -> None:
         if not config.loaded:
             config.load()
+        self.config = config
         self.app = config.loaded_app
         self.loop = _loop or asyncio.get_event_loop()
         self.server_state = server_state
@@ -416,8 +449,7 @@ class HttpProtocol(asyncio.Protocol):
     # --- requests ----------------------------------------------------------------------------------------------
 
     def start(self, cycle: _Cycle) -> None:
-        self.cancel_timer()
-        self.cycle = cycle
+        self.cycle = cycle  # the idle timer, if armed, finds the connection busy and lets it be
         task = self.loop.create_task(self.app(cycle.scope, cycle.receive, cycle.send))
         self.tasks.add(task)
         task.add_done_callback(cycle.finished)

@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Any
 import uvicorn
 
 from sidecar.config.loader import load
-from sidecar.errors import ShuttingDown
 from sidecar.server.apps import create_apps
+from sidecar.server.http_protocol import ServerConfig
 from sidecar.server.tls import ListenerTls, ReloadingServerContext, watch
 
 if TYPE_CHECKING:
@@ -47,59 +47,19 @@ class SignalFreeServer(uvicorn.Server):
         yield
 
 
-def _uvicorn_config(app: Any, *, graceful: float, tls: ssl.SSLContext | None = None) -> uvicorn.Config:
+def _uvicorn_config(app: Any, *, graceful: float, tls: ssl.SSLContext | None = None) -> ServerConfig:
     from sidecar.server.http_protocol import HttpProtocol
 
     # Our own context (server/tls.py), not uvicorn's ssl_* options: TLS 1.2+, chosen suites, reload on change.
     tls_factory = None if tls is None else lambda _config, _default: tls
 
-    return uvicorn.Config(
+    return ServerConfig(
         app, lifespan="off", http=HttpProtocol, loop="none", access_log=False, proxy_headers=False,
         server_header=False, log_config=None, log_level=None,  # records go to the handler ops.logging_setup installs
         ws="none",  # our protocol passes WebSocket handshakes to the gateway as requests (proxy/websocket.py)
         timeout_graceful_shutdown=graceful,  # type: ignore[arg-type]  # typed int, but it goes to asyncio.wait_for
         timeout_keep_alive=75, h11_max_incomplete_event_size=64 * 1024, ssl_context_factory=tls_factory,
     )
-
-
-class GraceCutoff:
-    """Answers the requests still running when `--grace` runs out, instead of uvicorn's plain-text 500.
-
-    uvicorn cancels those requests' tasks (and only at shutdown: a client that leaves is a `http.disconnect`, not
-    a cancellation). Before the reply has started the caller gets the JSON 503 `shutting_down` of the error table
-    and the connection is closed; after, the connection is closed mid-reply — never a body made to look whole
-    (a last chunk sent now would pass a truncated reply off as complete)."""
-
-    __slots__ = ("app", "cut_off")
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-        self.cut_off = 0  # requests answered 503 or closed when the grace ran out (for the shutdown line)
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        started = False
-
-        async def tracking_send(message: dict[str, Any]) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, receive, tracking_send)
-        except asyncio.CancelledError:
-            if scope["type"] != "http":
-                raise
-            self.cut_off += 1
-            if started:
-                log.warning("grace period over: closed a connection in the middle of its reply")
-                return  # uvicorn closes a connection whose reply is incomplete
-            log.warning("grace period over: answered 503 shutting_down to a request still in flight")
-            refusal = ShuttingDown("the sidecar is shutting down and its grace period ran out before the answer; "
-                                   "the upstream may have received the request")
-            body = refusal.body()
-            await send({"type": "http.response.start", "status": refusal.status,
-                        "headers": [*refusal.headers(body), (b"connection", b"close")]})
-            await send({"type": "http.response.body", "body": body})
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -158,8 +118,7 @@ class Serving:
         tls = self.tls or ListenerTls.choose(loaded.config.listen, None, None, None)
         main_tls = ReloadingServerContext(tls) if tls else None
         admin_tls = ReloadingServerContext(self.admin_tls) if self.admin_tls else None
-        cutoff = GraceCutoff(main_app)
-        main = self._main = SignalFreeServer(_uvicorn_config(cutoff, graceful=self.graceful,
+        main = self._main = SignalFreeServer(_uvicorn_config(main_app, graceful=self.graceful,
                                                              tls=main_tls.front if main_tls else None))
         admin_server = SignalFreeServer(
             _uvicorn_config(admin, graceful=1.0, tls=admin_tls.front if admin_tls else None))
@@ -183,7 +142,7 @@ class Serving:
 
             decisions = DecisionApp(main_app.gateway)
             if self.decision_sock is not None:
-                side_servers.append((SignalFreeServer(_uvicorn_config(GraceCutoff(decisions), graceful=self.graceful)),
+                side_servers.append((SignalFreeServer(_uvicorn_config(decisions, graceful=self.graceful)),
                                      self.decision_sock))
             if self.decision_grpc is not None:
                 from sidecar.proxy.decision_grpc import start_server
@@ -208,9 +167,10 @@ class Serving:
                 await task
             await services.aclose()
             tracing.shutdown()
+            cut_off = main.config.cut_off if isinstance(main.config, ServerConfig) else 0
             log.info("sidecar stopped", extra={"reason": self.stop_reason, "in_flight": self.in_flight_at_stop,
-                                               "drained": max(0, self.in_flight_at_stop - cutoff.cut_off),
-                                               "cut_off": cutoff.cut_off, "pid": os.getpid()})
+                                               "drained": max(0, self.in_flight_at_stop - cut_off),
+                                               "cut_off": cut_off, "pid": os.getpid()})
 
 
 def _address(sock: socket.socket) -> str:

@@ -257,7 +257,10 @@ class Connection(asyncio.Protocol):
 
     def _arm_timer(self, seconds: float) -> None:
         self._cancel_timer()
-        self._timer = self.loop.call_later(seconds, self._fail, UpstreamTimeout("the upstream did not answer in time"))
+        self._timer = self.loop.call_later(seconds, self._timed_out)
+
+    def _timed_out(self) -> None:
+        self._fail(UpstreamTimeout("the upstream did not answer in time"))  # made here, not per request when armed
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
@@ -318,18 +321,36 @@ class PoolResponse:
         self.status = conn.status
         self.headers = conn.headers
 
-    async def body(self) -> AsyncIterator[bytes]:
-        conn = self._conn
-        if conn is None:
-            return  # already released: the connection may be carrying another request now
-        read_timeout = self._pool.read_timeout
-        while (chunk := await conn.next_chunk(read_timeout)) is not None:
-            yield chunk
+    def body(self) -> AsyncIterator[bytes]:
+        return _Body(self._conn, self._pool.read_timeout)
 
     async def aclose(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:  # released once: a second aclose must not free a second slot
             self._pool.release(conn)
+
+
+class _Body:
+    """The reply body as an async iterator. A class, not an async generator: the event loop registers every async
+    generator in a weak set (for shutdown_asyncgens) as it starts, a cost paid on every request."""
+
+    __slots__ = ("_conn", "_read_timeout")
+
+    def __init__(self, conn: Connection | None, read_timeout: float) -> None:
+        self._conn = conn  # None: already released, and the connection may be carrying another request now
+        self._read_timeout = read_timeout
+
+    def __aiter__(self) -> _Body:
+        return self
+
+    async def __anext__(self) -> bytes:
+        conn = self._conn
+        if conn is not None:
+            chunk = await conn.next_chunk(self._read_timeout)
+            if chunk is not None:
+                return chunk
+            self._conn = None
+        raise StopAsyncIteration
 
 
 class PoolTransport:

@@ -11,7 +11,8 @@ from dataclasses import replace
 from pathlib import Path
 from types import FrameType
 
-from bench.configs import CASES, TRANSPORT_CASES, Case
+from bench import memory
+from bench.configs import CASES, DEFAULT_CASES, SOAK_MAX_ENTRIES, TRANSPORT_CASES, Case
 from bench.report import CaseResult, add_ratios, table, write_json
 from bench.runner import Bench, meta
 from bench.tools import ToolMissing
@@ -33,7 +34,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--connections", type=int, default=64, help="wrk connections")
     p.add_argument("--threads", type=int, default=2, help="wrk threads")
     p.add_argument("--workers", type=int, default=2, help="sidecar worker processes")
-    p.add_argument("--cases", default=",".join(CASES), help="comma list of cases to run")
+    p.add_argument(
+        "--cases",
+        default=",".join(DEFAULT_CASES),
+        help="comma list of cases to run; the memory cases are opt-in: "
+        + ", ".join(n for n in CASES if n not in DEFAULT_CASES),
+    )
     p.add_argument("--json", type=Path, default=DEFAULT_JSON, help="where to write the JSON results")
     p.add_argument(
         "--transport",
@@ -46,6 +52,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--light-duration", type=float, default=5.0, help="light pass: seconds")
     p.add_argument("--light-connections", type=int, default=8, help="light pass: keep-alive connections")
     p.add_argument("--jwt-tokens", type=int, default=300_000, help="never-seen JWTs to pre-generate for jwt_new")
+    p.add_argument(
+        "--idle-connections", type=int, default=10_000, help="idle_conns: idle keep-alive connections to open"
+    )
+    p.add_argument(
+        "--soak-requests", type=int, default=5_000_000, help="rss_soak: about this many requests (wrk, in slices)"
+    )
     p.add_argument("--startup-timeout", type=float, default=30.0, help="seconds to wait for sidecar /healthz")
     p.add_argument(
         "--sidecar-cmd",
@@ -77,6 +89,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = [c for c in args.case_list if c not in CASES]
     if unknown or not args.case_list:
         p.error(f"unknown case(s) {unknown}; choose from {', '.join(CASES)}")
+    if args.idle_connections < 1 or args.soak_requests < 10_000:
+        p.error("--idle-connections must be positive and --soak-requests at least 10000")
+    if "rss_soak" in args.case_list and args.jwt_tokens // args.threads < 10 * SOAK_MAX_ENTRIES:
+        p.error(
+            f"rss_soak needs at least {10 * SOAK_MAX_ENTRIES * args.threads:,} --jwt-tokens (each of the "
+            f"{args.threads} wrk threads rotates through 10x the verdict cache's {SOAK_MAX_ENTRIES:,} entries)"
+        )
     args.transports = [t.strip() for t in args.transport.split(",") if t.strip()]
     bad = [t for t in args.transports if t not in TRANSPORTS]
     if bad or not args.transports:
@@ -107,8 +126,16 @@ def time_limit(args: argparse.Namespace, plan: list[Case]) -> float:
     if args.max_time > 0:
         return args.max_time
     per_case = args.warmup + args.duration + args.light_duration + args.startup_timeout + args.wait_quiet + 30
-    tokens = 400 if any(c.name == "jwt_new" for c in plan) else 0
-    return 120 + tokens + per_case * len(plan)
+    tokens = 400 if any(c.name in ("jwt_new", "rss_soak") for c in plan) else 0
+    total = 120.0 + tokens
+    for c in plan:
+        if c.name == "idle_conns":
+            total += args.startup_timeout + args.wait_quiet + 150
+        elif c.name == "rss_soak":
+            total += args.startup_timeout + args.wait_quiet + args.soak_requests / memory.SOAK_MIN_RATE + 120
+        else:
+            total += per_case
+    return total
 
 
 def main(argv: list[str] | None = None) -> int:

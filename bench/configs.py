@@ -12,6 +12,7 @@ from bench.wrk import WrkScript
 ADMIN_TOKEN = "bench-admin-token-0123456789abcdef"
 REDIS_URL = "redis://127.0.0.1:6379/14"  # a DB number of our own; keys written there carry TTLs
 ROUTE_COUNT = 1000
+SOAK_MAX_ENTRIES = 2000  # rss_soak: the verdict cache's cache.max_entries (per worker), kept full and evicting
 
 
 @dataclass
@@ -25,6 +26,7 @@ class Case:
     transport: str | None = None  # sidecar cases: SIDECAR_FORWARD_TRANSPORT
     label: str = ""
     command: list[str] | None = None  # sidecar cases: the command that starts it (--baseline-cmd), else --sidecar-cmd
+    opt_in: bool = False  # not in the default --cases list (the memory cases: minutes, not seconds)
 
     def __post_init__(self) -> None:
         self.label = self.label or self.name
@@ -78,10 +80,27 @@ CASES: dict[str, Case] = {
             f"/r{ROUTE_COUNT - 1}/x",
             f"sidecar, {ROUTE_COUNT} routes, the last one matches (anonymous)",
         ),
+        Case(
+            "idle_conns",
+            "sidecar",
+            "/anon/x",
+            "sidecar RSS (parent + workers) added by idle keep-alive client connections, each after one 200 "
+            "(anonymous route)",
+            opt_in=True,
+        ),
+        Case(
+            "rss_soak",
+            "sidecar",
+            "/jwt/x",
+            f"sidecar RSS during a long wrk run on a JWT route whose verdict cache is full "
+            f"(cache.max_entries {SOAK_MAX_ENTRIES:,}) and evicting: pre-signed tokens rotated",
+            opt_in=True,
+        ),
     )
 }
+DEFAULT_CASES = [name for name, case in CASES.items() if not case.opt_in]
 TRANSPORT_CASES = ("anonymous", "jwt_cached")  # run under every --transport value
-JWT_CASES = ("jwt_cached", "jwt_cached_https", "jwt_new", "nginx_auth_decision", "nginx_auth_floor")
+JWT_CASES = ("jwt_cached", "jwt_cached_https", "jwt_new", "nginx_auth_decision", "nginx_auth_floor", "rss_soak")
 
 
 @dataclass
@@ -102,9 +121,9 @@ def sidecar_config(case: Case, upstream_port: int, creds: Creds) -> str:
     }
     if case.needs_redis:
         cfg["redis"] = REDIS_URL
-    if case.name in ("anonymous", "routes_1000"):
+    if case.name in ("anonymous", "routes_1000", "idle_conns"):
         cfg["authenticators"] = {"public": {"type": "anonymous"}}
-        if case.name == "anonymous":
+        if case.name != "routes_1000":
             cfg["routes"] = [{"id": "anon", "match": {"path": "/anon/**"}, "auth": ["public"]}]
         else:
             cfg["routes"] = [
@@ -125,6 +144,8 @@ def sidecar_config(case: Case, upstream_port: int, creds: Creds) -> str:
         cfg["routes"] = [{"id": "jwt", "match": {"path": "/jwt/**"}, "auth": ["bench_jwt"]}]
         if case.name == "nginx_auth_decision":
             cfg["trusted_proxies"] = ["127.0.0.1/32"]  # the nginx in front, as in the recipe
+        if case.name == "rss_soak":
+            cfg["cache"] = {"max_entries": SOAK_MAX_ENTRIES}
     elif case.name == "client_token":
         cfg["authenticators"] = {"bench_token": {"type": "client_token"}}
         cfg["clients"] = [{"id": "bench-client", "name": "Bench", "tokens": [creds.client_token_ref]}]
@@ -158,7 +179,7 @@ def case_headers(case: Case, creds: Creds) -> dict[str, str]:
 def wrk_script(case: Case, creds: Creds, fresh_prefix: str = "") -> WrkScript:
     if case.name in ("jwt_cached", "jwt_cached_https", "nginx_auth_decision", "nginx_auth_floor"):
         return WrkScript("rotate", ["Authorization", *(f"Bearer {t}" for t in creds.jwt_few)])
-    if case.name == "jwt_new":
+    if case.name in ("jwt_new", "rss_soak"):
         return WrkScript("fresh", [fresh_prefix, "Authorization"])
     if case.name == "client_token":
         return WrkScript("plain", [f"X-Client-Token: {creds.client_token}"])

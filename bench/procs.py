@@ -1,4 +1,4 @@
-"""Process helpers: free ports, process-tree CPU from /proc, stopping what we started."""
+"""Process helpers: free ports, process-tree CPU and RSS from /proc, stopping what we started."""
 
 from __future__ import annotations
 
@@ -89,6 +89,41 @@ def tree_cpu_seconds(root: int) -> float:
         if st is not None:
             total += st[1]
     return total
+
+
+def rss_by_pid(root: int) -> dict[int, int]:
+    """Resident memory in bytes (VmRSS) of ``root`` and each live descendant, by pid."""
+    out: dict[int, int] = {}
+    for pid in tree_pids(root):
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    out[pid] = int(line.split()[1]) * 1024
+                    break
+        except OSError:
+            pass
+    return out
+
+
+def tree_rss_bytes(root: int) -> int:
+    """Resident memory in bytes of ``root`` and its live descendants together (the sidecar: parent + workers)."""
+    return sum(rss_by_pid(root).values())
+
+
+def socket_count(pid: int) -> int:
+    """Open sockets of one process (entries of /proc/PID/fd that are sockets; 0 when it is gone)."""
+    n = 0
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return 0
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:"):
+                n += 1
+        except OSError:
+            pass
+    return n
 
 
 def stop(proc: subprocess.Popen[bytes] | None, name: str, grace: float = 5.0) -> None:

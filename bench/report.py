@@ -27,6 +27,7 @@ class CaseResult:
     vs_upstream: dict[str, float] = field(default_factory=dict)
     vs_nginx_proxy: dict[str, float] = field(default_factory=dict)
     light_added_ms: dict[str, float] = field(default_factory=dict)
+    memory: dict[str, Any] | None = None  # idle_conns and rss_soak (bench/memory.py)
     warnings: list[str] = field(default_factory=list)
     error: str | None = None
 
@@ -79,11 +80,25 @@ HEADERS = [
 ]
 
 
+def memory_cell(m: dict[str, Any] | None) -> str:
+    """The memory column: MB added and KiB per connection (idle_conns), or RSS start/end/max and drift (rss_soak)."""
+    if not m:
+        return "-"
+    if "kib_per_conn" in m:
+        return f"+{m['added_mb']:.1f} MB, {m['kib_per_conn']:.1f} KiB/conn"
+    return (
+        f"{m['rss_start_mb']:.0f}/{m['rss_end_mb']:.0f}/{m['rss_max_mb']:.0f} MB start/end/max, "
+        f"drift {m['drift_pct']:+.1f} %"
+    )
+
+
 def table(results: list[CaseResult]) -> str:
     rows: list[list[str]] = []
+    with_memory = any(r.memory for r in results)
+    headers = HEADERS + (["memory"] if with_memory else [])
     for r in results:
         if r.error is not None:
-            rows.append([r.label, "FAILED", "", "", "", "", "", "", ""])
+            rows.append([r.label, "FAILED"] + [""] * (len(headers) - 2))
             continue
         light = added = "-"
         if r.light:
@@ -102,15 +117,16 @@ def table(results: list[CaseResult]) -> str:
                 _f(r.cpu_us_per_req, ".1f"),
                 light,
                 added,
+                *([memory_cell(r.memory)] if with_memory else []),
             ]
         )
-    widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(HEADERS)]
+    widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(headers)]
 
     def line(cells: list[str]) -> str:
         pairs = enumerate(zip(cells, widths, strict=True))
         return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in pairs)
 
-    out = [line(HEADERS), "  ".join("-" * w for w in widths)]
+    out = [line(headers), "  ".join("-" * w for w in widths)]
     out += [line(row) for row in rows]
     notes = []
     for r in results:

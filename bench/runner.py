@@ -17,10 +17,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from bench import configs, loadgen, tokens, tools, wrk
+from bench import configs, loadgen, memory, tokens, tools, wrk
 from bench.configs import Case, Creds
 from bench.nginx import Nginx, auth_request_conf, make_certificates, proxy_conf, upstream_conf
-from bench.procs import cpu_snapshot, foreign_cores, free_port, tree_cpu_seconds
+from bench.procs import cpu_snapshot, foreign_cores, free_port, tree_cpu_seconds, tree_rss_bytes
 from bench.report import CaseResult
 from bench.sidecar_proc import REPO_ROOT, Sidecar, SidecarError
 
@@ -42,6 +42,7 @@ class Bench:
         self.creds = Creds()
         self.fresh_light: list[str] = []
         self.fresh_ready = False
+        self.soak_valid_until = 0.0  # rss_soak: the exp of its tokens (0: not prepared)
 
     # ---- setup / teardown ------------------------------------------------------------------------
     def setup(self) -> None:
@@ -56,6 +57,9 @@ class Bench:
             "upstream",
         )
         self.upstream.start()
+        if any(c.name == "idle_conns" for c in self.plan):
+            # before any sidecar is spawned: its workers inherit the limit
+            memory.raise_nofile(self.args.idle_connections)
         if any(c.target == "nginx_proxy" for c in self.plan):
             px = free_port()
             self.proxy = Nginx(
@@ -68,13 +72,13 @@ class Bench:
             self.proxy.start()
         names = {c.name for c in self.plan}
         if "jwt_cached_https" in names:
-            ca, cert, key = make_certificates(self.workdir / "tls")
+            ca, cert, cert_key = make_certificates(self.workdir / "tls")
             self.creds.upstream_ca = str(ca)
             tls_port = free_port()
             self.https_upstream = Nginx(
                 self.nginx_bin,
                 self.workdir / "nginx-https-upstream",
-                upstream_conf(self.workdir / "nginx-https-upstream", tls_port, tls=(cert, key)),
+                upstream_conf(self.workdir / "nginx-https-upstream", tls_port, tls=(cert, cert_key)),
                 tls_port,
                 "https_upstream",
                 ca=ca,
@@ -84,17 +88,22 @@ class Bench:
             key = tokens.load_or_create_key(CACHE_DIR)
             self.creds.public_pem = key.public_pem
             self.creds.jwt_few = [tokens.sign(key, f"cached-user-{i}") for i in range(JWT_FEW)]
-            if "jwt_new" in names:
-                self._prepare_fresh(key)
+            if names & {"jwt_new", "rss_soak"}:
+                soak = "rss_soak" in names
+                need = memory.token_validity_needed(self.args.soak_requests) if soak else 0.0
+                toks = tokens.fresh_tokens(key, self.args.jwt_tokens, CACHE_DIR, min_valid=need)
+                if "jwt_new" in names:
+                    self._prepare_fresh(toks)
+                if soak:
+                    self._prepare_soak(toks)
         if "client_token" in names:
             self.creds.client_token = tokens.client_token()
             self.creds.client_token_ref = tokens.sha256_ref(self.creds.client_token)
 
-    def _prepare_fresh(self, key: tokens.KeyPair) -> None:
+    def _prepare_fresh(self, toks: list[str]) -> None:
         """Split the never-seen tokens: light pass, warm-up and measured run, one disjoint file per wrk thread."""
         a = self.args
         light_n = int(a.light_rate * a.light_duration) if self._light_for(configs.CASES["jwt_new"]) else 0
-        toks = tokens.fresh_tokens(key, a.jwt_tokens, CACHE_DIR)
         self.fresh_light, rest = toks[:light_n], toks[light_n:]
         warm_n = int(len(rest) * a.warmup / (a.warmup + a.duration)) if a.warmup > 0 else 0
         warm, measured = rest[:warm_n], rest[warm_n:]
@@ -104,6 +113,15 @@ class Bench:
                 lines = part[t * share : (t + 1) * share] or part[:1] or toks[:1]
                 (self.workdir / f"{prefix}{t}.txt").write_text("".join(f"Bearer {x}\n" for x in lines))
         self.fresh_ready = True
+
+    def _prepare_soak(self, toks: list[str]) -> None:
+        """rss_soak: all the pre-signed tokens, one disjoint slice per wrk thread, each slice far larger than the
+        verdict cache (checked by the flags), recycled when a thread runs past its end."""
+        share = len(toks) // self.args.threads
+        for t in range(self.args.threads):
+            lines = toks[t * share : (t + 1) * share]
+            (self.workdir / f"soak-{t}.txt").write_text("".join(f"Bearer {x}\n" for x in lines))
+        self.soak_valid_until = float(min(tokens.expires_at(toks[0]), tokens.expires_at(toks[-1])))
 
     def close(self) -> None:
         for n in (self.proxy, self.upstream, self.https_upstream):
@@ -141,6 +159,8 @@ class Bench:
             _check_redis()
         if case.name == "jwt_new" and not self.fresh_ready:
             raise RuntimeError("fresh JWTs were not prepared")
+        if case.name == "rss_soak" and not self.soak_valid_until:
+            raise RuntimeError("the soak's JWTs were not prepared")
         upstream = self.https_upstream if case.name == "jwt_cached_https" else self.upstream
         assert upstream is not None
         cfg = configs.sidecar_config(case, upstream.port, self.creds)
@@ -154,7 +174,13 @@ class Bench:
         before = _redis_keys() if case.needs_redis else None
         try:
             sc.start(timeout=self.args.startup_timeout)
-            self._measure(case, res, sc.port, sc.pid, f"sidecar process tree ({self.args.workers} workers)", sc)
+            scope = f"sidecar process tree ({self.args.workers} workers)"
+            if case.name == "idle_conns":
+                self._measure_idle(case, res, sc, scope)
+            elif case.name == "rss_soak":
+                self._measure_soak(case, res, sc, scope)
+            else:
+                self._measure(case, res, sc.port, sc.pid, scope, sc)
         except SidecarError as e:
             raise RuntimeError(str(e)) from None
         finally:
@@ -235,6 +261,83 @@ class Bench:
         if self._light_for(case):
             self._light(case, res, port, sc)
 
+    def _measure_idle(self, case: Case, res: CaseResult, sc: Sidecar, scope: str) -> None:
+        """idle_conns: RSS of the sidecar's tree before and after --idle-connections used, idle keep-alive
+        connections (bench/memory.py)."""
+        url = f"http://127.0.0.1:{sc.port}{case.path}"
+        res.url = url
+        _probe(url, {}, sc)
+        self._wait_quiet()
+        n = self.args.idle_connections
+        m = memory.idle_conns(sc.port, case.path, n, sc.pid)
+        if not sc.alive():
+            raise RuntimeError("sidecar died during the idle-connections case:\n" + sc.diagnostics())
+        res.memory, res.cpu_scope = m, scope
+        print(
+            f"   {n:,} idle connections: RSS {m['rss_before_mb']:.1f} -> {m['rss_after_mb']:.1f} MB, "
+            f"+{m['added_mb']:.1f} MB = {m['kib_per_conn']:.1f} KiB per connection "
+            f"(target <= {memory.IDLE_TARGET_MB:g} MB: {'met' if m['met'] else 'NOT met'}); "
+            f"sockets added per process {m['sockets_added_by_process']}",
+            flush=True,
+        )
+
+    def _measure_soak(self, case: Case, res: CaseResult, sc: Sidecar, scope: str) -> None:
+        """rss_soak: about --soak-requests through wrk in slices on a full, evicting verdict cache, the sidecar's
+        tree RSS sampled meanwhile (bench/memory.py)."""
+        a = self.args
+        url = f"http://127.0.0.1:{sc.port}{case.path}"
+        res.url = url
+        _probe(url, configs.case_headers(case, self.creds), sc)
+        self._wait_quiet()
+        script = configs.wrk_script(case, self.creds, str(self.workdir / "soak-"))
+        print(f"   soak: about {a.soak_requests:,} requests, wrk slices of at most {memory.SOAK_SLICE_S}s", flush=True)
+
+        def run_slice(seconds: int) -> wrk.WrkResult:
+            r = wrk.run(self.wrk_bin, url, script, self.workdir, duration=seconds, threads=a.threads,
+                        connections=a.connections)
+            if not sc.alive():
+                raise RuntimeError("sidecar died during the soak:\n" + sc.diagnostics())
+            print(f"   ... {r.requests:,} requests in {r.duration_s:.0f}s ({r.rps:,.0f} req/s), RSS "
+                  f"{tree_rss_bytes(sc.pid) / memory.MB:.1f} MB", flush=True)
+            return r
+
+        snap0, cpu0 = cpu_snapshot(), tree_cpu_seconds(sc.pid)
+        m, runs, notes = memory.soak(run_slice, lambda: tree_rss_bytes(sc.pid), a.soak_requests, self.soak_valid_until)
+        snap1, cpu1 = cpu_snapshot(), tree_cpu_seconds(sc.pid)
+        res.foreign_cpu_cores = foreign_cores(snap0, snap1)
+        if res.foreign_cpu_cores > FOREIGN_WARN:
+            res.warnings.append(f"other programs used {res.foreign_cpu_cores:.2f} cores during the soak")
+        res.warnings += notes
+        res.requests, res.rps = m["requests"], m["rps"]
+        res.cpu_us_per_req = (cpu1 - cpu0) / m["requests"] * 1e6 if m["requests"] else None
+        res.cpu_scope = scope
+        errors: dict[str, int] = {}
+        for r in runs:
+            for k, v in r.errors.items():
+                errors[k] = errors.get(k, 0) + v
+        res.wrk_errors = errors
+        if errors.get("status"):
+            res.warnings.append(f"{errors['status']:,} of {m['requests']:,} responses were not 2xx/3xx")
+        other = sum(errors.values()) - errors.get("status", 0)
+        if other:
+            res.warnings.append(f"{other:,} socket errors/timeouts: {errors}")
+        entries = _metric(sc.admin_port, "sidecar_verdict_cache_entries")
+        m["verdict_cache_entries"] = entries
+        m["verdict_cache_max_entries"] = configs.SOAK_MAX_ENTRIES * a.workers
+        if entries is None or entries < configs.SOAK_MAX_ENTRIES * a.workers:
+            res.warnings.append(
+                f"verdict cache held {entries} entries at the end, not {configs.SOAK_MAX_ENTRIES:,} per worker: "
+                "was it full?"
+            )
+        res.memory = m
+        print(
+            f"   RSS after warm-up {m['rss_start_mb']:.1f} MB, end {m['rss_end_mb']:.1f} MB, max "
+            f"{m['rss_max_mb']:.1f} MB: drift {m['drift_pct']:+.1f} % (peak {m['peak_over_start_pct']:+.1f} %; "
+            f"target ±{memory.SOAK_DRIFT_TARGET:g} %: {'met' if m['met'] else 'NOT met'}) after {m['requests']:,} "
+            f"requests at {m['rps']:,.0f} req/s; verdict cache entries {entries}",
+            flush=True,
+        )
+
     def _wait_quiet(self) -> None:
         """Wait (at most --wait-quiet seconds) until other programs leave the CPU alone for half a second."""
         deadline = time.monotonic() + self.args.wait_quiet
@@ -296,6 +399,20 @@ def _probe(url: str, headers: dict[str, str], sc: Sidecar | None) -> None:
     if status != 200:
         diag = ("\n" + sc.diagnostics()) if sc is not None else ""
         raise RuntimeError(f"probe GET {url} answered {status} (expected 200): {body.decode(errors='replace')}{diag}")
+
+
+def _metric(admin_port: int, name: str) -> float | None:
+    """One unlabelled value from the sidecar's admin /metrics (None when missing or unreadable)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=5) as r:
+            text = r.read().decode(errors="replace")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[0] == name:
+            return float(parts[1])
+    return None
 
 
 def _check_redis() -> None:

@@ -76,13 +76,15 @@ def _sign_range(args: tuple[int, int, int, str]) -> list[str]:
     return [sign(_worker_key, f"user-{run_id}-{i}", now) for i in range(start, stop)]
 
 
-def fresh_tokens(key: KeyPair, count: int, cache: Path) -> list[str]:
-    """``count`` distinct RS256 tokens, reused from the cache when recent enough, else generated in parallel."""
+def fresh_tokens(key: KeyPair, count: int, cache: Path, min_valid: float = 0.0) -> list[str]:
+    """``count`` distinct RS256 tokens, reused from the cache when recent enough (and, with ``min_valid``, valid for
+    at least that many more seconds), else generated in parallel."""
     meta_path, tok_path = cache / "jwt-tokens.json", cache / "jwt-tokens.txt"
     key_id = hashlib.sha256(key.private_pem).hexdigest()[:16]
     if meta_path.exists() and tok_path.exists():
         meta = json.loads(meta_path.read_text())
-        fresh = time.time() - meta.get("created", 0) < MAX_REUSE_AGE
+        age = time.time() - meta.get("created", 0)
+        fresh = age < MAX_REUSE_AGE and TOKEN_TTL - age >= min_valid
         if fresh and meta.get("key") == key_id and meta.get("count", 0) >= count:
             toks = tok_path.read_text().split()
             if len(toks) >= count:
@@ -105,6 +107,12 @@ def fresh_tokens(key: KeyPair, count: int, cache: Path) -> list[str]:
     tmp.replace(tok_path)
     meta_path.write_text(json.dumps({"created": now, "key": key_id, "count": count}))
     return out
+
+
+def expires_at(token: str) -> int:
+    """The ``exp`` claim of one of our tokens, read without verifying it."""
+    payload = token.split(".")[1]
+    return int(json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))["exp"])
 
 
 def client_token() -> str:

@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.procs import free_port, tree_pids
+from bench.procs import free_port, tree_rss_bytes
 from sidecar.testing import SidecarProcess
 
 
@@ -39,22 +39,10 @@ def _echo_server(port: int) -> None:
     asyncio.run(main())
 
 
-def rss_bytes(root: int) -> int:
-    total = 0
-    for pid in tree_pids(root):
-        try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) * 1024
-        except OSError:
-            pass
-    return total
-
-
 async def idle_tunnels(url: str, count: int, sidecar_pid: int) -> tuple[int, int]:
     from websockets.asyncio.client import connect
 
-    before = rss_bytes(sidecar_pid)
+    before = tree_rss_bytes(sidecar_pid)
     opened = []
     try:
         for start in range(0, count, 100):
@@ -62,7 +50,7 @@ async def idle_tunnels(url: str, count: int, sidecar_pid: int) -> tuple[int, int
                      for i in range(start, min(count, start + 100))]
             opened += await asyncio.gather(*batch)
         await asyncio.sleep(1.0)
-        after = rss_bytes(sidecar_pid)
+        after = tree_rss_bytes(sidecar_pid)
     finally:
         await asyncio.gather(*(ws.close() for ws in opened), return_exceptions=True)
     return before, after

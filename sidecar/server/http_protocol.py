@@ -244,6 +244,13 @@ class _Cycle:
 class HttpProtocol(asyncio.Protocol):
     """One client connection. Built by `uvicorn.Server` as `HttpProtocol(config=, server_state=, app_state=)`."""
 
+    __slots__ = (
+        "app", "client", "config", "connections", "cycle", "drain_waiter", "early", "expect_continue",
+        "head_bytes", "headers", "idle_since", "idle_timeout", "in_head", "loop", "on_shutdown", "out",
+        "out_bytes", "parse_error", "parser", "queue", "read_paused", "scheme", "server", "server_state",
+        "tasks", "timer", "tls", "transport", "url", "write_paused"
+    )
+
     def __init__(self, config: Any, server_state: Any, app_state: dict[str, Any],
                  _loop: asyncio.AbstractEventLoop | None = None) -> None:
         if not config.loaded:

@@ -235,7 +235,7 @@ class DecisionApp:
 
     async def allowed(self, exchange: Exchange, plan: RoutePlan, identity: Identity | None) -> None:
         exchange.finish(exchange.decision or "allow", exchange.reason or "ok", 200)  # or would_deny (report-only)
-        if identity is not None:
+        if identity is not None and plan.config.emit:
             await self.emit(plan, identity)
         self.gateway.record(exchange)
 

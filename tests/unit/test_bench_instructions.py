@@ -144,3 +144,13 @@ def test_otlp_sink_answers_and_counts() -> None:
         assert (sink.exports, sink.bytes) == (2, 4)
     finally:
         sink.close()
+
+
+def test_missing_valgrind_fails_with_the_package_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bench import tools
+
+    monkeypatch.setattr(tools, "_which", lambda tool: None)
+    monkeypatch.setattr(tools.os, "geteuid", lambda: 1000)  # not root: no apt-get, a message
+    for tool in ("valgrind", "callgrind_control"):
+        with pytest.raises(tools.ToolMissing, match="apt-get install -y valgrind"):
+            tools.ensure(tool)

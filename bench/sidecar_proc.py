@@ -9,6 +9,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
 
 from bench.configs import ADMIN_TOKEN
@@ -24,8 +25,10 @@ class SidecarError(RuntimeError):
 class Sidecar:
     def __init__(
         self, workdir: Path, config_yaml: str, *, workers: int, transport: str | None, command: list[str] | None = None,
-        decision: bool = False,
+        decision: bool = False, prefix: list[str] | None = None, env: Mapping[str, str | None] | None = None,
     ) -> None:
+        """`prefix`: put before the command (bench.instructions runs it under valgrind); `env`: variables to set on
+        top of the bench's environment (None: remove the variable)."""
         workdir.mkdir(parents=True, exist_ok=True)
         self.workdir = workdir
         self.config_path = workdir / "sidecar.yaml"
@@ -38,12 +41,15 @@ class Sidecar:
         self.workers = workers
         self.transport = transport
         self.command = command or [sys.executable, "-m", "sidecar"]
+        self.prefix = prefix or []
+        self.env = dict(env or {})
         self.stdout_path = workdir / "stdout.log"
         self.stderr_path = workdir / "stderr.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def argv(self) -> list[str]:
         return [
+            *self.prefix,
             *self.command,
             "run",
             "--config",
@@ -68,6 +74,11 @@ class Sidecar:
                 "bench.aiohttp_transport:AiohttpTransport" if self.transport == "aiohttp" else self.transport)
             if self.transport == "aiohttp":
                 env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+        for name, value in self.env.items():
+            if value is None:
+                env.pop(name, None)
+            else:
+                env[name] = value
         with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
             # stdout carries the audit log (one JSON line per request): kept in a file, as in production.
             self.proc = subprocess.Popen(

@@ -1,4 +1,4 @@
-"""Find wrk and nginx; install them with apt-get when missing and running as root."""
+"""Find wrk, nginx and valgrind's tools; install them with apt-get when missing and running as root."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import os
 import shutil
 import subprocess
 
-PACKAGES = {"wrk": "wrk", "nginx": "nginx"}
+PACKAGES = {"wrk": "wrk", "nginx": "nginx", "valgrind": "valgrind", "callgrind_control": "valgrind"}
 EXTRA_DIRS = ("/usr/sbin", "/usr/local/sbin", "/sbin")
 
 

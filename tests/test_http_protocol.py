@@ -472,3 +472,42 @@ def test_after_the_body_receive_waits_for_the_client_to_leave_and_then_says_disc
     left = asyncio.run(run())
     assert [kind for kind, _ in events] == ["body", "http.disconnect"]
     assert events[1][1] - left < 1.0
+
+
+def test_an_http_1_0_expectation_is_ignored() -> None:
+    """RFC 9110 §10.1.1: a 100-continue expectation in an HTTP/1.0 request is ignored — an HTTP/1.0 client does not
+    know interim replies and would take `100 Continue` for the answer."""
+
+    async def run() -> bytes:
+        async with serving(echo) as address:
+            return await talk(address, b"PUT /up HTTP/1.0\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\ndata")
+
+    reply = asyncio.run(run())
+    assert statuses(reply) == [200] and reply.endswith(b"PUT /up data")
+
+
+def test_a_client_that_half_closes_after_its_request_still_gets_a_prompt_answer() -> None:
+    """A client may shut its side down once its request is sent (`nc -N`, some probes). The connection closes on
+    that end of input, as under uvicorn's protocol, but an answer written before the close still leaves (it was
+    once held for this turn's single write and dropped by the close)."""
+
+    async def prompt(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    def client(address: tuple[str, int]) -> bytes:
+        received = b""
+        with socket.create_connection(address, timeout=5) as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+            sock.shutdown(socket.SHUT_WR)
+            with contextlib.suppress(OSError):
+                while data := sock.recv(65536):
+                    received += data
+        return received
+
+    async def run() -> list[bytes]:
+        async with serving(prompt) as address:
+            return [await asyncio.to_thread(client, address) for _ in range(20)]
+
+    replies = asyncio.run(run())
+    assert [statuses(reply) for reply in replies] == [[200]] * 20

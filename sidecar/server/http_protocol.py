@@ -338,8 +338,13 @@ class HttpProtocol(asyncio.Protocol):
         if exc is None:
             self.transport.close()
 
-    def eof_received(self) -> None:
-        return None  # the transport closes once the reply is written (or at once, if nothing is pending)
+    def eof_received(self) -> bool:
+        # The client has sent all it will: the connection closes, as under uvicorn's protocol, but in a callback of
+        # its own, after what this loop turn already runs (an application answering now): close() writes that
+        # answer first. Closed by the transport instead, it would be dropped with this turn's unsent writes. (A TLS
+        # transport closes on its own whatever this returns, and warns if it is asked not to.)
+        self.loop.call_soon(self.close)
+        return self.scheme == "http"
 
     def data_received(self, data: bytes) -> None:
         if self.early is not None:  # a WebSocket handshake is being decided: nothing after it is HTTP
@@ -449,7 +454,8 @@ class HttpProtocol(asyncio.Protocol):
             scope["extensions"] = self.tls
         upgrade = parser.should_upgrade()
         keep_alive = version != "1.0" and parser.should_keep_alive() and not upgrade
-        cycle = _Cycle(self, scope, keep_alive, self.expect_continue, method == "HEAD")
+        # An HTTP/1.0 client's expectation is ignored (RFC 9110 §10.1.1): it would take `100 Continue` for the answer.
+        cycle = _Cycle(self, scope, keep_alive, self.expect_continue and version == "1.1", method == "HEAD")
         if upgrade and self._is_websocket_handshake(method, version):
             scope[WEBSOCKET] = self  # the gateway's way to take the socket (sidecar/proxy/websocket.py)
             # httptools stops parsing at an upgrade's head: whatever the answer, nothing after it is read as a

@@ -272,13 +272,14 @@ def test_pipelined_requests_filling_a_read_past_the_head_limit_are_all_answered(
     assert reply.index(b"GET /p2999 ") < reply.index(b"GET /last ")
 
 
-def test_a_refusal_before_100_continue_closes_the_connection_but_a_refusal_of_a_sent_body_does_not() -> None:
-    """RFC 9110 §10.1.1. Refused before `100 Continue`, a client (or a proxy in front) may never send the body:
-    had the connection stayed open, its next request would be read as that body (a desync). The answer says
-    `Connection: close` and the connection closes. A client that sent its body without waiting keeps the
-    connection: the body is read past, the next request is answered."""
+def test_a_refusal_before_100_continue_closes_the_connection_unless_the_body_is_on_its_way() -> None:
+    """RFC 9110 §10.1.1. Refused before `100 Continue` and before any of its body came, a client (or a proxy in
+    front) may never send that body: had the connection stayed open, its next request would be read as the body
+    (a desync). That answer says `Connection: close` and the connection closes. A client that sends its body
+    anyway, without waiting, keeps the connection (closing on a body still arriving would reset the connection
+    under the answer): the body is read past and the next request answered, as without `Expect`."""
 
-    async def run() -> tuple[bytes, bytes]:
+    async def run() -> tuple[bytes, bytes, bytes]:
         async with serving(refuse_unread) as address:
             reader, writer = await asyncio.open_connection(*address)
             writer.write(b"PUT /up HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
@@ -286,12 +287,19 @@ def test_a_refusal_before_100_continue_closes_the_connection_but_a_refusal_of_a_
             writer.write(b"GET /next HTTP/1.1\r\nHost: a\r\n\r\n")
             after = await read_all(reader)
             writer.close()
+            reader, writer = await asyncio.open_connection(*address)
+            writer.write(b"PUT /up HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\nhel")
+            sending = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            writer.write(b"lo" b"GET /next HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+            sending += await read_all(reader)
+            writer.close()
             sent_body = await talk(address, b"PUT /up HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello"
                                    b"GET /next HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
-            return refused + after, sent_body
+            return refused + after, sending, sent_body
 
-    expecting, sent_body = asyncio.run(run())
+    expecting, sending, sent_body = asyncio.run(run())
     assert statuses(expecting) == [401] and b"connection: close\r\n" in expecting
+    assert statuses(sending) == [401, 401] and sending.count(b"connection: close") == 1
     assert statuses(sent_body) == [401, 401] and sent_body.count(b"connection: close") == 1
 
 
@@ -511,3 +519,49 @@ def test_a_client_that_half_closes_after_its_request_still_gets_a_prompt_answer(
 
     replies = asyncio.run(run())
     assert [statuses(reply) for reply in replies] == [[200]] * 20
+
+
+def test_bytes_after_an_upgrade_head_are_never_read_as_requests() -> None:
+    """What follows an upgrade's head is another protocol: neither in the same read nor in a later one is it read
+    as a request. A refused upgrade (here h2c, which the gateway never accepts, and a WebSocket handshake) is
+    answered and the connection closes; an accepted WebSocket gets those bytes, in order, with the socket."""
+    seen: list[str] = []
+    early: list[bytes] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        seen.append(scope["path"])
+        await asyncio.sleep(0.3)  # the later read arrives meanwhile
+        if scope["path"] == "/ws-accepted":
+            client = scope[WEBSOCKET]
+            transport, data = client.take_over(lambda: None)
+            early.append(data)
+            transport.write(b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n")
+            transport.close()
+            client.release()
+            return
+        await send({"type": "http.response.start", "status": 403, "headers": [(b"content-length", b"0")]})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def exchange(address: tuple[str, int], head: bytes) -> bytes:
+        reader, writer = await asyncio.open_connection(*address)
+        writer.write(head + b"GET /smuggled-1 HTTP/1.1\r\nHost: a\r\n\r\n")
+        await asyncio.sleep(0.1)
+        writer.write(b"GET /smuggled-2 HTTP/1.1\r\nHost: a\r\n\r\n")
+        try:
+            return await read_all(reader)
+        finally:
+            writer.close()
+
+    async def run() -> list[bytes]:
+        websocket = (b"HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket\r\n"
+                     b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+        async with serving(app) as address:
+            return [await exchange(address, b"GET /h2c HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+                                   b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n"),
+                    await exchange(address, b"GET /ws-refused " + websocket),
+                    await exchange(address, b"GET /ws-accepted " + websocket)]
+
+    replies = asyncio.run(run())
+    assert [statuses(reply) for reply in replies] == [[403], [403], [101]]
+    assert seen == ["/h2c", "/ws-refused", "/ws-accepted"]
+    assert early == [b"GET /smuggled-1 HTTP/1.1\r\nHost: a\r\n\r\nGET /smuggled-2 HTTP/1.1\r\nHost: a\r\n\r\n"]

@@ -132,9 +132,11 @@ class _Cycle:
         if not self.started:
             if message["type"] != "http.response.start":
                 raise RuntimeError(f"Expected ASGI message 'http.response.start', but got {message['type']!r}.")
-            if self.expect_continue and self.more_body:
-                # Answered before `100 Continue`: the client may never send the body, and its next request would be
-                # read as that body. The connection closes after this answer (RFC 9110 §10.1.1).
+            if self.expect_continue and self.more_body and not self.body:
+                # Answered before `100 Continue` and before any of the body came: the client may never send it, and
+                # its next request would be read as that body. The connection closes after this answer (RFC 9110
+                # §10.1.1). (A body on its way is read past, as without `Expect`: closing on it would reset the
+                # connection under the answer.)
                 self.keep_alive = False
             head = self.response_head(message["status"], message.get("headers") or ())  # raises on a bad header
             self.started = True

@@ -394,7 +394,7 @@ def test_a_websocket_taken_over_once_shutdown_began_is_closed_at_once() -> None:
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         client = scope[WEBSOCKET]
-        await asyncio.sleep(0.5)  # the upstream's 101 is awaited; meanwhile the server starts shutting down
+        await asyncio.sleep(1.0)  # the upstream's 101 is awaited; meanwhile the server starts shutting down
         closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         transport, _ = client.take_over(lambda: closed.done() or closed.set_result(None))
         transport.write(b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n")

@@ -17,9 +17,13 @@ client that goes away is an `http.disconnect`; body reading and response writing
 
 What it adds: the writes of one loop turn leave in one `send(2)`; one `Date` per response (an upstream's own is
 forwarded alone, RFC 9110 §6.6.1); the request head is bounded (httptools buffers an unfinished head without limit:
-past MAX_HEAD_BYTES, 431 and close); an absolute-form target's authority is the Host (RFC 9112 §3.2.2); the idle
-timeout also covers a connection that never sends a request; and a WebSocket handshake reaches the gateway as an
-ordinary request carrying this protocol, which hands its socket over once the upstream has answered 101."""
+past MAX_HEAD_BYTES, 431 and close), and so is a chunked body's trailer section, whose fields are dropped, never
+merged into the request's headers (RFC 9110 §6.5.1); a request answered before its `100 Continue` closes the
+connection (its body may never come: RFC 9110 §10.1.1); a 204 or 304 never has a body, whatever its Content-Length;
+an application failing after its response was whole does not cut the connection's next request; an absolute-form
+target's authority is the Host (RFC 9112 §3.2.2); the idle timeout also covers a connection that never sends a
+request; and a WebSocket handshake reaches the gateway as an ordinary request carrying this protocol, which hands
+its socket over once the upstream has answered 101."""
 
 from __future__ import annotations
 
@@ -128,6 +132,12 @@ class _Cycle:
         if not self.started:
             if message["type"] != "http.response.start":
                 raise RuntimeError(f"Expected ASGI message 'http.response.start', but got {message['type']!r}.")
+            if self.expect_continue and self.more_body and not self.body:
+                # Answered before `100 Continue` and before any of the body came: the client may never send it, and
+                # its next request would be read as that body. The connection closes after this answer (RFC 9110
+                # §10.1.1). (A body on its way is read past, as without `Expect`: closing on it would reset the
+                # connection under the answer.)
+                self.keep_alive = False
             head = self.response_head(message["status"], message.get("headers") or ())  # raises on a bad header
             self.started = True
             self.expect_continue = False
@@ -188,8 +198,10 @@ class _Cycle:
                 lines += (name, b": ", value, b"\r\n")
         if not self.keep_alive and not close:
             lines.append(b"connection: close\r\n")
-        if self.remaining < 0 and not self.chunked:
-            if self.head or status in (204, 304):
+        if status in (204, 304):  # no body follows, whatever the fields say (a 304's Content-Length is its 200's)
+            self.chunked, self.remaining = False, 0
+        elif self.remaining < 0 and not self.chunked:
+            if self.head:
                 self.remaining = 0  # no body may follow
             else:
                 self.chunked = True
@@ -207,6 +219,8 @@ class _Cycle:
         error = task.exception()
         if error is not None:
             log.error("Exception in ASGI application", exc_info=error)
+            if self.complete:
+                return  # the response went out whole: the connection may be answering the next request by now
         elif self.complete or self.disconnected:
             return
         else:
@@ -215,7 +229,9 @@ class _Cycle:
             self.started = True
             self.keep_alive = False
             protocol.write(b"HTTP/1.1 500 Internal Server Error\r\ncontent-type: text/plain; charset=utf-8\r\n"
-                           b"content-length: 21\r\nconnection: close\r\n\r\nInternal Server Error")
+                           b"content-length: 21\r\nconnection: close\r\n\r\n")
+            if not self.head:
+                protocol.write(b"Internal Server Error")
         self.complete = True
         protocol.close()
 
@@ -236,7 +252,7 @@ class _Cycle:
                                    "the upstream may have received the request")
             body = refusal.body()
             self.keep_alive = False
-            protocol.write(self.response_head(refusal.status, refusal.headers(body)) + body)
+            protocol.write(self.response_head(refusal.status, refusal.headers(body)) + (b"" if self.head else body))
         self.started = self.complete = True
         protocol.close()
 
@@ -245,10 +261,10 @@ class HttpProtocol(asyncio.Protocol):
     """One client connection. Built by `uvicorn.Server` as `HttpProtocol(config=, server_state=, app_state=)`."""
 
     __slots__ = (
-        "app", "client", "config", "connections", "cycle", "drain_waiter", "early", "expect_continue",
-        "head_bytes", "headers", "idle_since", "idle_timeout", "in_head", "loop", "on_shutdown", "out",
+        "app", "bounded", "client", "config", "connections", "cycle", "drain_waiter", "early", "expect_continue",
+        "fresh", "head_bytes", "headers", "idle_since", "idle_timeout", "in_head", "loop", "on_shutdown", "out",
         "out_bytes", "parse_error", "parser", "queue", "read_paused", "scheme", "server", "server_state",
-        "tasks", "timer", "tls", "transport", "url", "write_paused"
+        "stopping", "tasks", "timer", "tls", "transport", "url", "write_paused"
     )
 
     def __init__(self, config: Any, server_state: Any, app_state: dict[str, Any],
@@ -282,11 +298,14 @@ class HttpProtocol(asyncio.Protocol):
         self.timer: asyncio.TimerHandle | None = None
         self.early: bytearray | None = None  # what a WebSocket client sent after its handshake, held while decided
         self.on_shutdown: Callable[[], None] | None = None  # set while this connection is a WebSocket tunnel
+        self.stopping = False  # the server is shutting down
         # Per request, while its head is parsed:
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
-        self.head_bytes = 0
-        self.in_head = False
+        self.head_bytes = 0  # bytes read into the head or trailer section being parsed (see data_received)
+        self.in_head = False  # in a request head (not in trailers)
+        self.bounded = False  # in a head, or between a chunk's header and its data: maybe the trailer section
+        self.fresh = False  # that section began in the read being parsed
         self.expect_continue = False
 
     # --- asyncio.Protocol ------------------------------------------------------------------------------------
@@ -321,8 +340,13 @@ class HttpProtocol(asyncio.Protocol):
         if exc is None:
             self.transport.close()
 
-    def eof_received(self) -> None:
-        return None  # the transport closes once the reply is written (or at once, if nothing is pending)
+    def eof_received(self) -> bool:
+        # The client has sent all it will: the connection closes, as under uvicorn's protocol, but in a callback of
+        # its own, after what this loop turn already runs (an application answering now): close() writes that
+        # answer first. Closed by the transport instead, it would be dropped with this turn's unsent writes. (A TLS
+        # transport closes on its own whatever this returns, and warns if it is asked not to.)
+        self.loop.call_soon(self.close)
+        return self.scheme == "http"
 
     def data_received(self, data: bytes) -> None:
         if self.early is not None:  # a WebSocket handshake is being decided: nothing after it is HTTP
@@ -343,11 +367,16 @@ class HttpProtocol(asyncio.Protocol):
             log.warning("Invalid HTTP request received.")
             self.unreadable(_BAD_REQUEST)
             return
-        # Counted after parsing: a read that finishes the head (and carries body bytes) is not held against it.
-        if self.in_head and not self.transport.is_closing():
-            self.head_bytes += len(data)
-            if self.head_bytes > MAX_HEAD_BYTES:
-                self.unreadable(_HEAD_TOO_LARGE)
+        # Counted after parsing, in whole reads: a read that finishes the section is not held against it, nor is
+        # the read in which it began (where in that read it began is unknown: with pipelined requests before it,
+        # the read may be far larger than the section). What httptools can buffer is thus one read past the limit.
+        if self.bounded and not self.transport.is_closing():
+            if self.fresh:
+                self.fresh = False
+            else:
+                self.head_bytes += len(data)
+                if self.head_bytes > MAX_HEAD_BYTES:
+                    self.unreadable(_HEAD_TOO_LARGE)
 
     def unreadable(self, reply: tuple[bytes, bytes]) -> None:
         """Nothing more is read from this connection. A request still reading its body is the bad one: answered
@@ -387,7 +416,7 @@ class HttpProtocol(asyncio.Protocol):
     # --- httptools callbacks -----------------------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
-        self.in_head = True
+        self.in_head = self.bounded = self.fresh = True
         self.head_bytes = 0
         self.url = b""
         self.headers = []
@@ -397,13 +426,15 @@ class HttpProtocol(asyncio.Protocol):
         self.url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if not self.in_head:
+            return  # a trailer field: never merged into the request's headers (RFC 9110 §6.5.1)
         name = name.lower()
         if name == b"expect" and value.lower() == b"100-continue":
             self.expect_continue = True
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        self.in_head = False
+        self.in_head = self.bounded = False
         parser = self.parser
         version = parser.get_http_version()
         method = parser.get_method().decode("ascii")
@@ -425,7 +456,8 @@ class HttpProtocol(asyncio.Protocol):
             scope["extensions"] = self.tls
         upgrade = parser.should_upgrade()
         keep_alive = version != "1.0" and parser.should_keep_alive() and not upgrade
-        cycle = _Cycle(self, scope, keep_alive, self.expect_continue, method == "HEAD")
+        # An HTTP/1.0 client's expectation is ignored (RFC 9110 §10.1.1): it would take `100 Continue` for the answer.
+        cycle = _Cycle(self, scope, keep_alive, self.expect_continue and version == "1.1", method == "HEAD")
         if upgrade and self._is_websocket_handshake(method, version):
             scope[WEBSOCKET] = self  # the gateway's way to take the socket (sidecar/proxy/websocket.py)
             # httptools stops parsing at an upgrade's head: whatever the answer, nothing after it is read as a
@@ -437,7 +469,14 @@ class HttpProtocol(asyncio.Protocol):
             self.queue.append(cycle)
             self.pause_reading()
 
+    def on_chunk_header(self) -> None:
+        # The last chunk's header is followed by the trailer section, which httptools buffers like a head: bounded
+        # like one. (A chunk with data ends the section at once, in on_body.)
+        self.bounded = self.fresh = True
+        self.head_bytes = 0
+
     def on_body(self, body: bytes) -> None:
+        self.bounded = False
         cycle = self.queue[-1] if self.queue else self.cycle
         if cycle is None or cycle.complete:
             return
@@ -447,6 +486,7 @@ class HttpProtocol(asyncio.Protocol):
         cycle.wake()
 
     def on_message_complete(self) -> None:
+        self.bounded = False
         cycle = self.queue[-1] if self.queue else self.cycle
         if cycle is None or cycle.complete:
             return
@@ -555,6 +595,7 @@ class HttpProtocol(asyncio.Protocol):
     def shutdown(self) -> None:
         """The server is stopping: an idle connection closes now, a busy one after its response; a tunnel is closed
         now (its client reconnects elsewhere) rather than holding the shutdown for the whole grace period."""
+        self.stopping = True
         if self.on_shutdown is not None:
             self.on_shutdown()
         elif self.cycle is None or self.cycle.complete:
@@ -593,6 +634,8 @@ class HttpProtocol(asyncio.Protocol):
             self.cycle = None
         self.cancel_timer()
         self.on_shutdown = on_shutdown
+        if self.stopping:  # the handshake was still being decided when shutdown began: closed as open tunnels were
+            self.loop.call_soon(on_shutdown)
         early, self.early = bytes(self.early or b""), None
         return self.transport, early
 

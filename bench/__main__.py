@@ -3,26 +3,20 @@
 from __future__ import annotations
 
 import argparse
-import signal
-import subprocess
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
-from types import FrameType
 
 from bench import memory
 from bench.configs import CASES, DEFAULT_CASES, SOAK_MAX_ENTRIES, TRANSPORT_CASES, Case
+from bench.guard import arm, run_guarded
 from bench.report import CaseResult, add_ratios, table, write_json
 from bench.runner import Bench, meta
-from bench.tools import ToolMissing
 
 TRANSPORTS = ("httptools", "httpx", "aiohttp")
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "latest.json"
 
-
-class BenchTimeout(Exception):
-    pass
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -143,16 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     plan = build_plan(args)
     limit = time_limit(args, plan)
 
-    def on_alarm(_sig: int, _frame: FrameType | None) -> None:
-        raise BenchTimeout(f"benchmark exceeded its time limit of {limit:.0f}s")
-
-    def on_term(_sig: int, _frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGALRM, on_alarm)
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored
-    signal.alarm(int(limit) + 1)
+    arm(limit, "benchmark")
     print(
         f"sidecar bench: {len(plan)} case(s), {args.duration:g}s each after {args.warmup:g}s warm-up, "
         f"{args.threads} threads x {args.connections} connections, sidecar --workers {args.workers}; "
@@ -161,27 +146,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     bench = Bench(args, plan)
     results: list[CaseResult] = []
-    status = 0
     started = time.monotonic()
-    try:
-        bench.setup()
+
+    def work() -> None:
         for case in plan:
             results.append(bench.run_case(case))
-    except ToolMissing as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (RuntimeError, OSError, subprocess.SubprocessError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        status = 1
-    except (KeyboardInterrupt, BenchTimeout) as e:
-        print(f"\ninterrupted: {str(e) or 'Ctrl-C'}; stopping everything it started", file=sys.stderr, flush=True)
-        status = 130 if isinstance(e, KeyboardInterrupt) else 124
-    finally:
-        signal.alarm(0)
-        try:
-            bench.close()
-        except KeyboardInterrupt:
-            bench.close()
+
+    status = run_guarded(bench, work)
+    if status == 2:
+        return status
     if not results:
         return status or 1
     add_ratios(results)

@@ -17,7 +17,6 @@ import platform
 import re
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -28,16 +27,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from bench import configs, tokens, tools
 from bench.configs import CASES, Case, Creds
+from bench.guard import arm, run_guarded
 from bench.nginx import Nginx, upstream_conf
 from bench.procs import free_port, tree_pids
 from bench.runner import CACHE_DIR, JWT_FEW, _check_redis, _probe, _redis_cleanup, _redis_keys
 from bench.sidecar_proc import REPO_ROOT, Sidecar, SidecarError
-from bench.tools import ToolMissing
 
 SUPPORTED = ("anonymous", "jwt_cached", "jwt_new", "client_token", "routes_1000")
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "instructions.json"
@@ -45,9 +43,6 @@ ESTIMATE_AT = 0.01  # the sampling ratio whose overhead is estimated from the ru
 OUT_PREFIX = "callgrind.out."
 REQUEST_TIMEOUT = 120.0  # seconds for one request under valgrind (the first ones translate fresh code)
 
-
-class BenchTimeout(Exception):
-    pass
 
 
 class DumpError(RuntimeError):
@@ -542,41 +537,20 @@ def main(argv: list[str] | None = None) -> int:
     todo = plan(args)
     limit = time_limit(args, len(todo))
 
-    def on_alarm(_sig: int, _frame: FrameType | None) -> None:
-        raise BenchTimeout(f"exceeded its time limit of {limit:.0f}s")
-
-    def on_term(_sig: int, _frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGALRM, on_alarm)
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.alarm(int(limit) + 1)
+    arm(limit, "instructions run")
     print(f"instructions per request (callgrind): {len(todo)} run(s), {args.warmup} warm-up + {args.requests} "
           f"counted requests each, sidecar --workers 1; hard limit {limit:.0f}s", flush=True)
     bench = Instructions(args)
     runs: list[Run] = []
-    status = 0
     started = time.monotonic()
-    try:
-        bench.setup()
+
+    def work() -> None:
         for case, label, command, ratio in todo:
             runs.append(bench.measure(case, label, command, ratio))
-    except ToolMissing as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (RuntimeError, OSError, subprocess.SubprocessError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        status = 1
-    except (KeyboardInterrupt, BenchTimeout) as e:
-        print(f"\ninterrupted: {str(e) or 'Ctrl-C'}; stopping everything it started", file=sys.stderr, flush=True)
-        status = 130 if isinstance(e, KeyboardInterrupt) else 124
-    finally:
-        signal.alarm(0)
-        try:
-            bench.close()
-        except KeyboardInterrupt:
-            bench.close()
+
+    status = run_guarded(bench, work)
+    if status == 2:
+        return status
     if not runs:
         return status or 1
     print()

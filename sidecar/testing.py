@@ -85,12 +85,13 @@ class KeyPair:
 
 
 @contextlib.contextmanager
-def serve_in_thread(app: Any, port: int | None = None, *, tls: ssl.SSLContext | None = None) -> Iterator[str]:
+def serve_in_thread(app: Any, port: int | None = None, *, tls: ssl.SSLContext | None = None,
+                    http: Any = "httptools") -> Iterator[str]:
     """Serve an ASGI app with uvicorn on 127.0.0.1 in a background thread; yields its base URL (https with `tls`,
-    a server context)."""
+    a server context). `http`: uvicorn's protocol, or a protocol class such as the sidecar's own."""
     port = port or free_port()
     config = uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="off", log_level="warning",
-                            access_log=False, http="httptools", loop="asyncio",
+                            access_log=False, http=http, loop="asyncio",
                             ssl_context_factory=None if tls is None else lambda _config, _default: tls)
     server = SignalFreeServer(config)
     thread = threading.Thread(target=server.run, daemon=True)

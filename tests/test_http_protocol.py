@@ -10,13 +10,18 @@ import contextlib
 import re
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from sidecar.proxy.websocket import SCOPE_KEY as WEBSOCKET
+from sidecar.server.http_protocol import HttpProtocol
 from sidecar.server.runner import SignalFreeServer, _uvicorn_config
-from sidecar.testing import free_port
+from sidecar.testing import free_port, serve_in_thread
 
 App = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
 
@@ -190,16 +195,19 @@ def test_a_slow_reader_pauses_the_application_instead_of_growing_memory() -> Non
     assert total == 400
 
 
-def test_an_application_that_fails_before_answering_gives_a_500_and_closes() -> None:
+@pytest.mark.parametrize(("method", "ending"), [(b"GET", b"\r\n\r\nInternal Server Error"), (b"HEAD", b"\r\n\r\n")])
+def test_an_application_that_fails_before_answering_gives_a_500_and_closes(method: bytes, ending: bytes) -> None:
+    """A 500 and the connection closed; to a HEAD request, without a body."""
+
     async def failing(scope: dict[str, Any], receive: Any, send: Any) -> None:
         raise ValueError("boom")
 
     async def run() -> bytes:
         async with serving(failing) as address:
-            return await talk(address, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+            return await talk(address, method + b" / HTTP/1.1\r\nHost: a\r\n\r\n")
 
     reply = asyncio.run(run())
-    assert statuses(reply) == [500] and reply.endswith(b"Internal Server Error")
+    assert statuses(reply) == [500] and reply.endswith(ending)
 
 
 def test_a_response_head_with_a_control_character_is_never_written() -> None:
@@ -373,18 +381,6 @@ def test_an_endless_trailer_section_is_cut_off_near_the_head_limit() -> None:
     reply, sent = asyncio.run(run())
     assert statuses(reply) in ([431], []), reply[:200]
     assert sent < 8 * 2**20, f"{sent} bytes of trailer section were read"
-
-
-def test_head_gets_no_body_even_when_the_application_fails() -> None:
-    async def failing(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        raise ValueError("boom")
-
-    async def run() -> bytes:
-        async with serving(failing) as address:
-            return await talk(address, b"HEAD / HTTP/1.1\r\nHost: a\r\n\r\n")
-
-    reply = asyncio.run(run())
-    assert statuses(reply) == [500] and reply.endswith(b"\r\n\r\n")
 
 
 def test_a_websocket_taken_over_once_shutdown_began_is_closed_at_once() -> None:
@@ -565,3 +561,78 @@ def test_bytes_after_an_upgrade_head_are_never_read_as_requests() -> None:
     assert [statuses(reply) for reply in replies] == [[403], [403], [101]]
     assert seen == ["/h2c", "/ws-refused", "/ws-accepted"]
     assert early == [b"GET /smuggled-1 HTTP/1.1\r\nHost: a\r\n\r\nGET /smuggled-2 HTTP/1.1\r\nHost: a\r\n\r\n"]
+
+
+# --- Differential: the response framing written here, read back by h11 (an independent HTTP/1.1 implementation) ---
+
+_PLANS: dict[str, tuple[int, list[tuple[bytes, bytes]], list[bytes], bool]] = {}
+
+
+async def _planned(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    status, headers, chunks, last_inline = _PLANS[scope["path"]]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    for i, chunk in enumerate(chunks):
+        last = last_inline and i == len(chunks) - 1
+        await send({"type": "http.response.body", "body": chunk, "more_body": not last})
+    if not (last_inline and chunks):
+        await send({"type": "http.response.body", "body": b""})
+
+
+@pytest.fixture(scope="module")
+def planned_server() -> Iterator[tuple[str, int]]:
+    with serve_in_thread(_planned, http=HttpProtocol) as url:
+        host, _, port = url.removeprefix("http://").partition(":")
+        yield host, int(port)
+
+
+_names = st.sampled_from([b"x-a", b"x-b", b"content-type", b"cache-control", b"etag", b"x-long-name-here"])
+_values = st.binary(max_size=40).filter(lambda v: not re.search(rb"[\x00-\x08\x0a-\x1f\x7f]", v) and v == v.strip())
+
+
+@given(status=st.sampled_from([200, 201, 204, 206, 301, 304, 400, 404, 500, 503]),
+       headers=st.lists(st.tuples(_names, _values), max_size=6),
+       chunks=st.lists(st.binary(max_size=3000), max_size=5),
+       declare_length=st.booleans(), head=st.booleans(), last_inline=st.booleans())
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_response_framing_reads_back_the_same_in_h11(planned_server: tuple[str, int], status: int,
+                                                      headers: list[tuple[bytes, bytes]], chunks: list[bytes],
+                                                      declare_length: bool, head: bool, last_inline: bool) -> None:
+    """Any status, fields and body split (the last part alone or with `more_body: False`), with or without a
+    Content-Length, to GET or HEAD: h11 reads the status, the
+    fields and exactly the body sent (none for HEAD, 204 and 304), and the same connection then carries a second
+    request — the framing left nothing behind and took nothing extra."""
+    import h11
+
+    body = b"".join(chunks)
+    if status in (204, 304):
+        chunks, body = [], b""
+    if declare_length:
+        headers = [*headers, (b"content-length", b"%d" % len(body))]
+    path = f"/p{len(_PLANS)}"
+    _PLANS[path] = (status, headers, chunks, last_inline)
+    method = b"HEAD" if head else b"GET"
+    client = h11.Connection(h11.CLIENT)
+    with socket.create_connection(planned_server, timeout=5) as sock:
+        for target in (path, path):
+            sock.sendall(client.send(h11.Request(method=method, target=target, headers=[("host", "a")])))
+            sock.sendall(client.send(h11.EndOfMessage()))
+            response, received = None, b""
+            while True:
+                event = client.next_event()
+                if event is h11.NEED_DATA:
+                    client.receive_data(sock.recv(65536))
+                elif isinstance(event, h11.Response):
+                    response = event
+                elif isinstance(event, h11.Data):
+                    received += event.data
+                elif isinstance(event, h11.EndOfMessage):
+                    break
+            assert response is not None and response.status_code == status
+            sent_fields = [(k, v) for k, v in headers if k != b"content-length"]
+            got_fields = [(k, v) for k, v in response.headers  # less the framing and the server's own fields
+                          if k not in (b"content-length", b"date", b"transfer-encoding", b"server")]
+            assert got_fields == sent_fields
+            assert received == (b"" if head else body)
+            assert [v for k, v in response.headers if k == b"date"] and len(
+                [v for k, v in response.headers if k == b"date"]) == 1
+            client.start_next_cycle()

@@ -34,6 +34,7 @@ import re
 from collections import deque
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import unquote
 
 import httptools
 import uvicorn
@@ -445,7 +446,6 @@ class HttpProtocol(asyncio.Protocol):
         raw_path = parsed.path
         path = raw_path.decode("ascii")
         if "%" in path:
-            from urllib.parse import unquote
             path = unquote(path)
         scope: dict[str, Any] = {
             "type": "http", "asgi": _ASGI, "http_version": version, "server": self.server, "client": self.client,
